@@ -1,0 +1,169 @@
+"""The `peftplan` command line. It only wires schemas → planner → templates → runtime, and is the one
+place where exceptions become exit codes: 0 ok, 2 bad input, 3 nothing fits, 1 anything else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NOFIT = 0, 1, 2, 3
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 132  # pipes and CI logs: wide enough for the breakdown bars
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+
+
+def _load(path: str):
+    from .schemas import load_spec
+
+    return load_spec(path)
+
+
+def cmd_validate(args) -> int:
+    from .planner.report import estimate_spec
+
+    spec = _load(args.spec)
+    report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
+    for p in report.resolved.warnings:
+        print(p.render(args.spec), file=sys.stderr)
+    print(f"{args.spec}: ok ({report.model.name} on {report.hardware.device.id})")
+    return EXIT_OK
+
+
+def cmd_estimate(args) -> int:
+    from .planner.report import estimate_spec, render
+
+    spec = _load(args.spec)
+    report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        render(report, _console(), explain=args.explain)
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from .schemas import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_models(args) -> int:
+    from .planner import catalog
+    from .planner.shapes import shape_from_config
+
+    rows = []
+    for m in catalog.models():
+        sh = shape_from_config(m.config)
+        rows.append({"id": m.id, "model_type": sh.model_type, "parameters": sh.parameters,
+                     "layers": sh.num_layers, "hidden": sh.hidden_size, "vocab": sh.vocab_size,
+                     "max_positions": sh.max_positions, "source": m.source})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} models (any local config.json works too)", title_justify="left")
+    for col in ("id", "type", "params", "layers", "hidden", "vocab", "max pos"):
+        t.add_column(col, justify="left" if col in ("id", "type") else "right")
+    for r in rows:
+        t.add_row(r["id"], r["model_type"], f"{r['parameters'] / 1e9:.2f}B", str(r["layers"]), str(r["hidden"]),
+                  str(r["vocab"]), str(r["max_positions"] or "?"))
+    _console().print(t)
+    return EXIT_OK
+
+
+def cmd_gpus(args) -> int:
+    from .planner import catalog
+
+    devs = catalog.devices()
+    if args.json:
+        print(json.dumps([{"id": d.id, "name": d.name, "memory_bytes": d.memory_bytes, "bf16": d.bf16,
+                           "bf16_tflops": d.bf16_tflops, "fp16_tflops": d.fp16_tflops,
+                           "memory_bandwidth_gbps": d.memory_bandwidth_gbps,
+                           "price_usd_per_hour": d.price_usd_per_hour, "price_date": d.price_date,
+                           "source": d.source} for d in devs], indent=2))
+        return EXIT_OK
+    from rich.table import Table
+
+    t = Table(title=f"{len(devs)} devices (plus `cpu`)", title_justify="left")
+    for col in ("id", "name", "GiB", "bf16", "bf16 TFLOPS", "fp16 TFLOPS", "GB/s", "$/h", "price date"):
+        t.add_column(col, justify="left" if col in ("id", "name") else "right")
+    for d in devs:
+        t.add_row(d.id, d.name, f"{d.memory_bytes / 2**30:.1f}", "yes" if d.bf16 else "no", f"{d.bf16_tflops:g}",
+                  f"{d.fp16_tflops:g}", f"{d.memory_bandwidth_gbps:g}",
+                  f"{d.price_usd_per_hour:.2f}" if d.price_usd_per_hour is not None else "?", d.price_date or "")
+    _console().print(t)
+    return EXIT_OK
+
+
+def cmd_not_yet(args) -> int:
+    print(f"peftplan {args.command}: not available in this version yet (see the README's roadmap)", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftplan", description="Will it fit, which method, how long — before you rent a GPU.")
+    p.add_argument("--version", action="version", version=f"peftplan {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("estimate", help="per-method memory breakdown for the spec's geometry, no choice made")
+    s.add_argument("spec")
+    s.add_argument("--json", action="store_true", help="machine-readable output (CONTRACT.md)")
+    s.add_argument("--explain", action="store_true", help="show every term of each method's peak with its formula")
+    s.set_defaults(func=cmd_estimate)
+
+    s = sub.add_parser("validate", help="check a spec, report every problem at once")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("schema", help="print the spec's JSON Schema")
+    s.set_defaults(func=cmd_schema)
+
+    for name, func, helptext in (("models", cmd_models, "list the bundled model catalog"),
+                                 ("gpus", cmd_gpus, "list the bundled hardware catalog")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
+
+    for name, helptext in (("plan", "choose a method and settings, with reasons"),
+                           ("generate", "compile the plan into a training project"),
+                           ("run", "execute a generated project"),
+                           ("merge", "merge a trained adapter into a 16-bit base")):
+        s = sub.add_parser(name, help=helptext + " (coming)")
+        s.add_argument("target", nargs="?")
+        s.set_defaults(func=cmd_not_yet)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .schemas import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        for line in exc.lines():
+            print(line, file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # the one place that turns the unexpected into an exit code
+        if os.environ.get("PEFTPLAN_DEBUG"):
+            raise
+        print(f"peftplan: internal error: {type(exc).__name__}: {exc} (set PEFTPLAN_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return EXIT_ERROR

@@ -1,0 +1,92 @@
+"""What the bundled runtime does, written down once: every memory formula relies on these.
+
+Each constant names the runtime behaviour it describes (see `runtime/model.py`) and how it was
+established: by reading transformers 5.x / peft 0.21 / bitsandbytes 0.50 source and by counting
+the tensors autograd saves in a real training step (`runtime/memprobe.py`). A change to how the
+runtime loads or trains a model changes this file and the calibration data in the same commit.
+"""
+
+from __future__ import annotations
+
+# --- Storage -------------------------------------------------------------------------------------
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Adapter weights (LoRA A/B, DoRA magnitude) are fp32 whatever the base dtype: peft's
+# get_peft_model(autocast_adapter_dtype=True) upcasts bf16/fp16 adapters. Their gradients are fp32.
+ADAPTER_BYTES = 4
+
+# Training runs under autocast to the compute dtype (Trainer bf16=/fp16=True). Linear layers of the
+# adapters therefore compute in 16-bit: peft casts the layer input to the adapter dtype (fp32) and
+# autocast casts it back, so every adapted module saves its *own* 16-bit copy of its input.
+AUTOCAST = True
+
+# Full fine-tuning keeps weights, gradients and optimizer state in the training dtype ("pure bf16",
+# as torchtune's full-finetune recipes do). On fp16-only devices pure fp16 training is unstable and
+# GradScaler refuses fp16 parameters, so there weights stay fp32 (master weights) under fp16 autocast.
+FULL_FT_MASTER_FP32_WITH_FP16 = True
+
+# 4-bit NF4 storage (bitsandbytes Params4bit): two weights per byte, one absmax per block of 64.
+# Double quantization stores each absmax as uint8 plus one fp32 absmax per 256 absmax values,
+# and every quantized tensor carries a 16-entry fp32 NF4 code, a 256-entry fp32 code for the
+# nested absmax, and an fp32 offset. bitsandbytes.functional.quantize_4bit(blocksize=64).
+NF4_BLOCKSIZE = 64
+NF4_NESTED_BLOCKSIZE = 256
+NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+
+# transformers' 4-bit loading converts nn.Linear modules of the decoder only: the embeddings, the
+# output head (modules_to_not_convert = the tied/output embeddings) and norms stay in the compute
+# dtype. The runtime does not call peft's prepare_model_for_kbit_training, which would upcast all of
+# them to fp32 (+2 bytes per embedding parameter). MoE experts stored as fused 3D parameters
+# (transformers 5 Mixtral) are not nn.Linear: they are neither quantized nor adapted by "all-linear".
+QUANTIZE_ONLY_DECODER_LINEARS = True
+
+# --- Optimizer state (bytes per trainable parameter, in state dtype) ------------------------------
+# torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; bitsandbytes 8-bit AdamW
+# keeps two uint8 states plus one fp32 absmax per block of 256 per state (blockwise quantization,
+# Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"). Paged variants keep the same
+# bytes in CUDA unified memory that can be evicted to the host under pressure: counted in full here.
+OPTIMIZER_STATES = {
+    "adamw_torch": ("param", 2),  # two states in the parameter dtype
+    "paged_adamw_32bit": ("fp32", 2),
+    "adamw_8bit": ("int8", 2),
+    "paged_adamw_8bit": ("int8", 2),
+    "sgd": ("param", 0),  # no momentum
+}
+BNB_8BIT_BLOCK = 256
+# bitsandbytes keeps parameters with fewer than 4096 elements in 32-bit state (min_8bit_size).
+BNB_MIN_8BIT_SIZE = 4096
+
+# --- Activations ----------------------------------------------------------------------------------
+# Gradient checkpointing: transformers' gradient_checkpointing_enable(use_reentrant=False) wraps each
+# decoder layer; the layer's input (b x s x h, compute dtype) is kept and one layer is recomputed.
+# Without a padding mask transformers' sdpa path passes GQA natively (use_gqa_in_sdpa): k and v are
+# saved at num_kv_heads; with a mask (padded batches) repeat_kv materializes them at num_heads.
+# The runtime packs or pads to seq_len; the estimator assumes a padding mask is present unless
+# packing is on (worst case).
+# Fused attention (sdpa flash/efficient kernels, flash_attention_2) saves q, k, v, the output and an
+# fp32 log-sum-exp of b x heads x s; eager attention also saves the fp32 softmax (b x heads x s x s)
+# and its 16-bit copy used by the value matmul.
+# Dropout saves its mask: a bool (1 byte) on CUDA; on the CPU the mask has the input's dtype.
+DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": None}  # None: same as the dropped tensor
+
+# Loss: transformers' ForCausalLMLoss upcasts logits to fp32 and calls cross_entropy
+# (log_softmax + nll_loss). At the start of backward, the saved fp32 log-softmax output, the fp32
+# gradient arriving from nll_loss and the fp32 gradient log_softmax_backward produces are alive
+# together: 3 x 4 bytes per logit. The 16-bit logits are freed with the model outputs before backward.
+LOGIT_FP32_COPIES_AT_PEAK = 3
+
+# Working memory of one decoder layer's backward pass (gradients of its intermediate tensors), in
+# bytes per token per feature of the widest adapted/trained input. Measured: ~10 bytes/element for
+# fp32 adapters under autocast (a 16-bit gradient, its fp32 copy through peft's cast and the 16-bit
+# result), ~6 for full fine-tuning.
+BACKWARD_WORKING_BYTES = {"adapter": 10, "full": 6}
+
+# --- Device overhead (device_total_bytes - peak_allocated_bytes) ----------------------------------
+# CUDA context + cuBLAS/cuDNN workspaces as nvidia-smi shows them for a PyTorch process: about
+# 0.5 GiB on recent GPUs (PyTorch forum / measured on A100 and H100 with torch 2.x), none on CPU.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# Caching allocator: reserved exceeds allocated by fragmentation; torch's own docs and published
+# runs show reserved/allocated of 1.05-1.25 in steady training. We use a fraction of the peak.
+ALLOCATOR_RESERVE_FRACTION = 0.10
+# Safety headroom the planner keeps free on the device when it decides whether a plan fits.
+FIT_HEADROOM_FRACTION = 0.05

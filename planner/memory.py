@@ -1,0 +1,159 @@
+"""Peak training memory per method, from named, explained terms.
+
+The peak is the largest of a few moments of a steady-state training step (the optimizer state
+already exists), each a sum of terms:
+
+- `loss`:      all saved activations + the fp32 cross-entropy buffers at the start of backward;
+- `layer`:     all saved activations + the largest short-lived buffer inside a layer (NF4
+               de-quantization, DoRA's weight norm) and one layer's backward gradients;
+- `recompute`: with gradient checkpointing, the checkpointed inputs + one recomputed layer;
+- `optimizer`: gradients of every trainable tensor at the optimizer step.
+
+Static terms (weights, quantization constants, adapters, optimizer state) are added to each.
+Gradients are held during the forward pass only with gradient accumulation (> 1 micro-batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil
+
+from . import assumptions as A
+from .activations import (
+    backward_working_term,
+    checkpoint_term,
+    layer_terms,
+    logits_term,
+    outside_layers_terms,
+)
+from .methods import METHODS, Method, Tensors
+from .terms import COMPONENTS, Setup, Term
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    method: str
+    trainable_parameters: int
+    phase: str  # the moment the peak happens
+    terms: tuple[Term, ...]  # the terms that make up the peak (and the overhead)
+    phases: dict = field(default_factory=dict)  # bytes at each moment (peak_allocated candidates)
+
+    def components(self) -> dict[str, int]:
+        out = {name: 0 for name in COMPONENTS}
+        for t in self.terms:
+            out[t.component] += int(t.bytes)
+        return out
+
+    @property
+    def peak_allocated_bytes(self) -> int:
+        return sum(int(t.bytes) for t in self.terms if t.component != "overhead")
+
+    @property
+    def device_total_bytes(self) -> int:
+        return sum(int(t.bytes) for t in self.terms)
+
+
+def optimizer_state_bytes(tensors: list[Tensors], optimizer: str) -> tuple[int, str]:
+    kind, states = A.OPTIMIZER_STATES[optimizer]
+    total = 0
+    for t in tensors:
+        if kind == "param":
+            per = states * t.bytes_per * t.numel
+        elif kind == "fp32":
+            per = states * 4 * t.numel
+        elif t.numel < A.BNB_MIN_8BIT_SIZE:  # bitsandbytes keeps small tensors in 32-bit state
+            per = states * 4 * t.numel
+        else:
+            per = states * (t.numel + 4 * ceil(t.numel / A.BNB_8BIT_BLOCK))
+        total += per * t.count
+    formula = {
+        "param": f"{states} states × param bytes × N",
+        "fp32": f"{states} × 4 × N",
+        "int8": f"{states} × (N + 4·N/{A.BNB_8BIT_BLOCK})",
+    }[kind]
+    return total, formula
+
+
+def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
+    m = METHODS[method] if isinstance(method, str) else method
+    g, sh = s.geometry, s.shape
+    T = g.tokens
+
+    # -- static --------------------------------------------------------------------------------
+    static = list(m.weight_terms(s))
+    tensors = m.trainable_tensors(s)
+    n_train = sum(t.elements for t in tensors)
+    train_bytes = sum(t.elements * t.bytes_per for t in tensors)
+    if m.adapter:
+        static.append(Term("adapter", "adapter weights (fp32)", train_bytes, "N_adapter × 4",
+                           {"N_adapter": n_train}))
+    opt_bytes, opt_formula = optimizer_state_bytes(tensors, s.optimizer)
+    static.append(Term("optimizer", f"{s.optimizer} state", opt_bytes, opt_formula,
+                       {"N": n_train, "optimizer": s.optimizer}))
+    grads = Term("gradients", "gradients of the trainable tensors", train_bytes, "N × param bytes",
+                 {"N": n_train})
+    held_grads = [grads] if g.gradient_accumulation_steps > 1 else []
+
+    # -- activations -----------------------------------------------------------------------------
+    per_layer = layer_terms(s, m)
+    layer_bytes = sum(t.bytes for t in per_layer)
+    outside = outside_layers_terms(s, m)
+    transient = m.layer_transient_terms(s, T)
+    working = backward_working_term(s, m)
+    logits = logits_term(s)
+
+    phases: dict[str, list[Term]] = {}
+    if g.gradient_checkpointing:
+        ckpt = checkpoint_term(s)
+        one_layer = Term("activations", "one recomputed layer", layer_bytes, "per-layer activations",
+                         {"terms": {t.label: int(t.bytes) for t in per_layer}})
+        phases["loss"] = [ckpt, *outside, logits, *held_grads]
+        # Recomputing a layer: gradients of later layers already exist (full fine-tuning: almost all).
+        phases["recompute"] = [ckpt, one_layer, working, *transient, grads]
+    else:
+        saved = layer_bytes * sh.num_layers - m.layer0_savings(s, T) - _layer0_norm(s, m)
+        all_layers = Term("activations", f"{sh.num_layers} layers × per-layer activations", saved,
+                          "L × layer − layer-0 savings",
+                          {"L": sh.num_layers, "layer": int(layer_bytes),
+                           "terms": {t.label: int(t.bytes) for t in per_layer}})
+        phases["loss"] = [all_layers, *outside, logits, *held_grads]
+        phases["layer"] = [all_layers, *outside, working, *transient, *held_grads]
+    phases["optimizer"] = [grads]
+
+    totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
+    phase = max(totals, key=lambda k: totals[k])
+    terms = [*static, *phases[phase]]
+    peak = sum(int(t.bytes) for t in terms)
+    terms += overhead_terms(s, peak)
+    return MemoryEstimate(
+        method=m.name,
+        trainable_parameters=n_train,
+        phase=phase,
+        terms=tuple(terms),
+        phases={k: v + sum(int(t.bytes) for t in static) for k, v in totals.items()},
+    )
+
+
+def _layer0_norm(s: Setup, m: Method) -> int:
+    """Layer 0's first norm reads the frozen embedding output and saves nothing (adapter methods)."""
+    if m.trains_norms() or s.shape.norms_per_layer == 0:
+        return 0
+    from .activations import norm_saved_bytes
+
+    return norm_saved_bytes(s, s.geometry.tokens, False)
+
+
+def overhead_terms(s: Setup, peak: int) -> list[Term]:
+    if s.device_kind == "cpu":
+        return [Term("overhead", "allocator slack (glibc, fragmentation)", int(peak * A.ALLOCATOR_RESERVE_FRACTION),
+                     "peak × reserve fraction", {"fraction": A.ALLOCATOR_RESERVE_FRACTION})]
+    return [
+        Term("overhead", "caching-allocator reserve", int(peak * A.ALLOCATOR_RESERVE_FRACTION),
+             "peak × reserve fraction", {"fraction": A.ALLOCATOR_RESERVE_FRACTION}),
+        Term("overhead", "CUDA context and library workspaces", A.CUDA_CONTEXT_BYTES, "constant",
+             {"bytes": A.CUDA_CONTEXT_BYTES}),
+    ]
+
+
+def estimate_all(s: Setup) -> dict[str, MemoryEstimate]:
+    return {name: estimate(m, s) for name, m in METHODS.items()}

@@ -1,0 +1,75 @@
+"""What a fine-tuning method contributes to memory. One subclass per method, one module each.
+
+A method answers four questions for the estimator:
+- `weight_terms`: how the base model is stored (16-bit, fp32 master weights, 4-bit NF4);
+- `trainable_tensors`: which tensors train (sizes and dtype), from which gradients and optimizer
+  state follow;
+- `projection_saved_bytes`: what each decoder layer's linear modules save for backward;
+- `layer_transient_terms`: short-lived buffers inside one layer (de-quantized weights, DoRA's norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import assumptions as A
+from ..terms import Setup, Term
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """`count` trainable tensors of `numel` elements each, stored with `bytes_per` bytes per element."""
+
+    label: str
+    numel: int
+    count: int
+    bytes_per: int
+
+    @property
+    def elements(self) -> int:
+        return self.numel * self.count
+
+
+class Method:
+    name = "method"
+    summary = ""
+    adapter = False
+    quantized = False
+    dora = False
+
+    # -- storage ----------------------------------------------------------------------------------
+    def weight_bytes(self, s: Setup) -> int:
+        """Bytes per element of the non-quantized base weights."""
+        return A.DTYPE_BYTES[s.dtype]
+
+    def weight_terms(self, s: Setup) -> list[Term]:
+        P = s.shape.parameters
+        b = self.weight_bytes(s)
+        return [Term("weights", "base model weights", P * b, "P × bytes", {"P": P, "bytes": b})]
+
+    def trainable_tensors(self, s: Setup) -> list[Tensors]:
+        raise NotImplementedError
+
+    def trainable_parameters(self, s: Setup) -> int:
+        return sum(t.elements for t in self.trainable_tensors(s))
+
+    # -- activations ------------------------------------------------------------------------------
+    def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
+        """Bytes one decoder layer's linear modules save for backward, and the formula inputs."""
+        raise NotImplementedError
+
+    def layer0_savings(self, s: Setup, tokens: int) -> int:
+        """Bytes layer 0 does not save because its input (the frozen embedding output) needs no grad."""
+        return 0
+
+    def layer_transient_terms(self, s: Setup, tokens: int) -> list[Term]:
+        return []
+
+    def trains_norms(self) -> bool:
+        return False
+
+    def trains_lm_head(self) -> bool:
+        return False
+
+    def backward_working_coefficient(self) -> int:
+        return A.BACKWARD_WORKING_BYTES["adapter"]

@@ -1,0 +1,55 @@
+"""DoRA (Liu et al. 2024): LoRA plus a trainable magnitude per output; the weight norm is recomputed
+every forward pass over the merged weight W + s·B·A (peft's DoraLinearLayer)."""
+
+from __future__ import annotations
+
+from ..terms import Setup, Term
+from .base import Tensors
+from .lora import LoRA
+
+
+class DoRA(LoRA):
+    name = "dora"
+    summary = "LoRA with a learned magnitude vector (weight-decomposed); norm of W + s·BA every step"
+    dora = True
+
+    def trainable_tensors(self, s: Setup) -> list[Tensors]:
+        out = super().trainable_tensors(s)
+        for lin in s.targeted():
+            out.append(Tensors(f"{lin.name}.magnitude", lin.out_features, s.shape.num_layers, 4))
+        return out
+
+    def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:
+        e = s.compute_bytes
+        t = int(tokens * lin.active)
+        saved = super().module_saved_bytes(s, lin, tokens)
+        # (m/||W'|| - 1) * base_result and m/||W'|| * lora_result save both results; the norm and the
+        # scale vectors are small (3 fp32 vectors of out).
+        saved += 2 * e * t * lin.out_features + 12 * lin.out_features
+        if s.adapter.dropout > 0:
+            # with dropout, peft recomputes base_result = F.linear(dropout(x), W): that linear saves its
+            # own 16-bit copy of the whole weight
+            saved += e * lin.in_features * lin.out_features
+        return saved
+
+    def layer_transient_terms(self, s: Setup, tokens: int) -> list[Term]:
+        return [self.norm_transient(s)]
+
+    def norm_transient(self, s: Setup) -> Term:
+        # get_lora_weight: an fp32 identity (in x in) and its 16-bit copy through lora_A; then the
+        # fp32 lora weight, the fp32 copy of W, s·BA and W + s·BA (4 x in x out fp32).
+        e = s.compute_bytes
+
+        def peak(lin):
+            n_in, n_out = lin.in_features, lin.out_features
+            return max((4 + e) * n_in * n_in, e * n_in * n_in + 16 * n_in * n_out)
+
+        lin = max(s.targeted(), key=peak, default=None)
+        if lin is None:
+            return Term("transient", "DoRA weight norm", 0, "no adapted modules")
+        return Term("transient", f"DoRA weight-norm buffers ({lin.name}, largest)", peak(lin),
+                    "max((4+e)·in², e·in² + 16·in·out)", {"module": lin.name, "in": lin.in_features,
+                                                         "out": lin.out_features, "e": e})
+
+
+METHOD = DoRA()

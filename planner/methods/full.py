@@ -1,0 +1,61 @@
+"""Full fine-tuning: every weight trains; gradients and optimizer state for all of them."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .. import assumptions as A
+from ..terms import Setup
+from .base import Method, Tensors
+
+
+class Full(Method):
+    name = "full"
+    summary = "all weights train (16-bit weights, gradients and optimizer state)"
+
+    def weight_bytes(self, s: Setup) -> int:
+        if s.dtype == "float16" and A.FULL_FT_MASTER_FP32_WITH_FP16:
+            return 4  # fp32 master weights under fp16 autocast
+        return A.DTYPE_BYTES[s.dtype]
+
+    def trainable_tensors(self, s: Setup) -> list[Tensors]:
+        sh, b = s.shape, self.weight_bytes(s)
+        L, h = sh.num_layers, sh.hidden_size
+        out = [Tensors("token embeddings", sh.vocab_size * h, 1, b)]
+        if sh.learned_positions:
+            out.append(Tensors("position embeddings", sh.learned_positions * h, 1, b))
+        if not sh.tie_embeddings:
+            out.append(Tensors("lm_head", sh.vocab_size * h, 1, b))
+        if sh.lm_head_bias:
+            out.append(Tensors("lm_head bias", sh.vocab_size, 1, b))
+        for lin in sh.linears:
+            out.append(Tensors(lin.name, lin.in_features * lin.out_features, L * lin.experts, b))
+            if lin.bias:
+                out.append(Tensors(f"{lin.name} bias", lin.out_features, L * lin.experts, b))
+        per_norm = 2 if sh.norm == "layernorm" else 1
+        out.append(Tensors("norms", h, per_norm * (sh.norms_per_layer * L + 1), b))
+        if sh.router_params_per_layer:
+            out.append(Tensors("MoE router", sh.router_params_per_layer, L, b))
+        return out
+
+    def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
+        # Each linear saves its input for the weight gradient; modules reading the same tensor
+        # (q/k/v, gate/up) share one saved copy.
+        e = s.compute_bytes
+        by_input: dict[str, int] = defaultdict(int)
+        for lin in s.shape.linears:
+            by_input[lin.input] = max(by_input[lin.input], int(tokens * lin.active * lin.experts) * lin.in_features)
+        total = e * sum(by_input.values())
+        return total, {"distinct_inputs(elements)": dict(by_input), "bytes": e}
+
+    def trains_norms(self) -> bool:
+        return True
+
+    def trains_lm_head(self) -> bool:
+        return True
+
+    def backward_working_coefficient(self) -> int:
+        return A.BACKWARD_WORKING_BYTES["full"]
+
+
+METHOD = Full()

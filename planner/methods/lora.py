@@ -1,0 +1,60 @@
+"""LoRA (Hu et al. 2021): frozen base, trainable A (r x in) and B (out x r) per targeted module."""
+
+from __future__ import annotations
+
+from .. import assumptions as A
+from ..terms import Setup
+from .base import Method, Tensors
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = "frozen 16-bit base, low-rank adapters A·B on the targeted linear modules"
+    adapter = True
+
+    def trainable_tensors(self, s: Setup) -> list[Tensors]:
+        r, L = s.adapter.rank, s.shape.num_layers
+        out = []
+        for lin in s.targeted():
+            out.append(Tensors(f"{lin.name}.lora_A", r * lin.in_features, L, A.ADAPTER_BYTES))
+            out.append(Tensors(f"{lin.name}.lora_B", lin.out_features * r, L, A.ADAPTER_BYTES))
+        return out
+
+    def mask_bytes(self, s: Setup) -> int:
+        fixed = A.DROPOUT_MASK_BYTES.get(s.device_kind)
+        return fixed if fixed is not None else A.ADAPTER_BYTES  # CPU: mask has the fp32 input's dtype
+
+    def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:
+        """What one adapted module saves, beyond a shared input (see projection_saved_bytes)."""
+        e, r, n_in = s.compute_bytes, s.adapter.rank, lin.in_features
+        t = int(tokens * lin.active)
+        saved = e * t * r  # lora_A output, saved by lora_B
+        if s.compute_bytes != A.ADAPTER_BYTES:
+            saved += e * t * n_in  # autocast's 16-bit copy of the (fp32-cast) input, saved by lora_A
+        elif s.adapter.dropout > 0:
+            saved += A.ADAPTER_BYTES * t * n_in  # fp32 compute: the dropout output itself
+        if s.adapter.dropout > 0:
+            saved += self.mask_bytes(s) * t * n_in
+        return saved
+
+    def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
+        targeted = s.targeted()
+        total = sum(self.module_saved_bytes(s, lin, tokens) for lin in targeted)
+        shared = {}
+        if s.compute_bytes == A.ADAPTER_BYTES and s.adapter.dropout == 0:
+            # fp32 compute without dropout: peft's cast is a no-op, modules reading one tensor share it
+            for lin in targeted:
+                shared[lin.input] = max(shared.get(lin.input, 0), tokens * lin.in_features)
+            total += A.ADAPTER_BYTES * sum(shared.values())
+        return total, {"modules": [lin.name for lin in targeted], "rank": s.adapter.rank,
+                       "dropout": s.adapter.dropout, "bytes": s.compute_bytes}
+
+    def layer0_savings(self, s: Setup, tokens: int) -> int:
+        # Layer 0's attention input derives from the frozen embeddings: dropout there saves no mask.
+        if s.adapter.dropout == 0:
+            return 0
+        return sum(self.mask_bytes(s) * int(tokens * lin.active) * lin.in_features
+                   for lin in s.targeted() if lin.input == "attn_in")
+
+
+METHOD = LoRA()

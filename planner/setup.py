@@ -1,0 +1,130 @@
+"""From a validated `Spec` to the `Setup` the estimator needs, checking what only the model can tell.
+
+Keys the user left out get defaults here, and every default is reported as a note so that
+`peftplan estimate` never silently assumes. The checks that need the model's shape (rank versus
+module widths, target module names, sequence length) live here too, as `Problem`s naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..schemas import Problem, Spec
+from .catalog import Device
+from .resolve import ResolvedModel
+from .terms import AdapterSettings, Geometry, Setup
+
+DEFAULT_SEQ_LEN = 2048
+DEFAULTS = {
+    "training.micro_batch_size": 1,
+    "training.gradient_accumulation_steps": 1,
+    "training.gradient_checkpointing": True,
+    "training.optimizer": "adamw_torch",
+    "training.attention": "sdpa",
+    "method.rank": 16,
+    "method.alpha": 32.0,
+    "method.dropout": 0.05,
+    "method.target_modules": "all-linear",
+}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    setup: Setup
+    notes: tuple[str, ...]
+    warnings: tuple[Problem, ...]
+    precision: str  # bf16 | fp16 | fp32
+
+
+def compute_dtype(spec: Spec, device: Device) -> tuple[str, str | None]:
+    """The training dtype, and a note when it was chosen rather than given."""
+    if spec.model.dtype != "auto":
+        return spec.model.dtype, None
+    if device.is_cpu:
+        return "float32", "model.dtype auto: float32 on the CPU"
+    if device.bf16:
+        return "bfloat16", f"model.dtype auto: bfloat16 ({device.id} supports it)"
+    return "float16", f"model.dtype auto: float16 ({device.id} has no bf16; training uses fp16 autocast with loss scaling)"
+
+
+def _pick(value, key: str, notes: list[str], why: str = "default"):
+    if value is not None:
+        return value
+    chosen = DEFAULTS[key]
+    notes.append(f"{key} not set: {chosen!r} ({why})")
+    return chosen
+
+
+def check_against_model(spec: Spec, model: ResolvedModel, setup: Setup) -> list[Problem]:
+    """Problems only the model's shape reveals. Errors unless marked as warnings."""
+    sh, problems = model.shape, []
+    targets = spec.method.target_modules
+    if isinstance(targets, list):
+        known = set(sh.module_names)
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            problems.append(Problem("method.target_modules", (
+                f"{', '.join(repr(u) for u in unknown)} not in {model.name} ({sh.model_type}); "
+                f"its linear modules are: {', '.join(sh.module_names)}")))
+        fused = [t for t in targets if t in known and t not in {l.name for l in sh.linears if l.is_linear}]
+        if fused:
+            problems.append(Problem("method.target_modules", (
+                f"{', '.join(fused)} are fused MoE expert parameters, not linear modules: LoRA cannot target them"
+                " by name here")))
+    if spec.method.rank is not None and setup.targeted():
+        narrowest = min(setup.targeted(), key=lambda l: min(l.in_features, l.out_features))
+        width = min(narrowest.in_features, narrowest.out_features)
+        if spec.method.rank > width:
+            problems.append(Problem("method.rank", (
+                f"{spec.method.rank} is larger than the smallest targeted dimension ({narrowest.name}: "
+                f"{narrowest.in_features}→{narrowest.out_features}); use a rank ≤ {width}")))
+    seq = setup.geometry.seq_len
+    if sh.max_positions and seq > sh.max_positions:
+        problems.append(Problem("data.seq_len", (
+            f"{seq} exceeds {model.name}'s max_position_embeddings ({sh.max_positions}); quality may degrade "
+            "beyond the trained context (memory is estimated as asked)"), severity="warning"))
+    if spec.method.name in ("qlora", "qdora") and sh.num_experts:
+        problems.append(Problem("method.name", (
+            f"{model.name} keeps its MoE experts as fused 3D parameters: 4-bit loading leaves them in 16-bit "
+            "and all-linear adapters skip them"), severity="warning"))
+    return problems
+
+
+def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
+    notes: list[str] = []
+    t, m, d = spec.training, spec.method, spec.data
+    dtype, dtype_note = compute_dtype(spec, device)
+    if dtype_note:
+        notes.append(dtype_note)
+    seq = d.seq_len
+    if seq is None:
+        cap = model.shape.max_positions or DEFAULT_SEQ_LEN
+        seq = min(DEFAULT_SEQ_LEN, cap)
+        notes.append(f"data.seq_len not set: {seq} (2048, capped at the model's maximum)")
+    packing = bool(d.packing)
+    geometry = Geometry(
+        micro_batch_size=_pick(t.micro_batch_size, "training.micro_batch_size", notes),
+        seq_len=seq,
+        gradient_checkpointing=_pick(t.gradient_checkpointing, "training.gradient_checkpointing", notes),
+        gradient_accumulation_steps=_pick(t.gradient_accumulation_steps, "training.gradient_accumulation_steps", notes),
+        attention=_pick(t.attention, "training.attention", notes),
+        padded=not packing,
+    )
+    targets = m.target_modules if m.target_modules is not None else None
+    adapter = AdapterSettings(
+        rank=_pick(m.rank, "method.rank", notes),
+        alpha=_pick(m.alpha, "method.alpha", notes),
+        dropout=_pick(m.dropout, "method.dropout", notes),
+        target_modules=tuple(targets) if isinstance(targets, list) else _pick(targets, "method.target_modules", notes),
+    )
+    setup = Setup(
+        shape=model.shape,
+        geometry=geometry,
+        adapter=adapter,
+        optimizer=_pick(t.optimizer, "training.optimizer", notes),
+        dtype=dtype,
+        device_kind=device.kind,
+    )
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
+    problems = check_against_model(spec, model, setup)
+    return Resolved(setup, tuple(notes), tuple(problems), precision)

@@ -1,0 +1,84 @@
+"""Plain values shared by the estimator: what is being estimated, and one explained memory term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .shapes import Linear, ModelShape
+
+COMPONENTS = (
+    "weights",
+    "quant_constants",
+    "adapter",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits",
+    "transient",
+    "overhead",
+)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One memory term: which component it belongs to, its bytes, and the formula with its inputs."""
+
+    component: str
+    label: str
+    bytes: int
+    formula: str
+    inputs: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"component": self.component, "label": self.label, "bytes": int(self.bytes),
+                "formula": self.formula, "inputs": self.inputs}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    gradient_accumulation_steps: int = 1
+    attention: str = "sdpa"  # sdpa | eager | flash_attention_2
+    padded: bool = True  # batches carry a padding mask (no packing)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] | str = "all-linear"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything one estimate depends on."""
+
+    shape: ModelShape
+    geometry: Geometry
+    adapter: AdapterSettings
+    optimizer: str = "adamw_torch"
+    dtype: str = "bfloat16"  # compute dtype of the non-quantized weights
+    device_kind: str = "cuda"  # cuda | cpu
+
+    @property
+    def compute_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def targeted(self) -> tuple[Linear, ...]:
+        """The decoder linear modules that receive an adapter (peft's matching of target_modules)."""
+        targets = self.adapter.target_modules
+        if targets == "all-linear":
+            return tuple(lin for lin in self.shape.linears if lin.is_linear)
+        names = set(targets)
+        return tuple(lin for lin in self.shape.linears if lin.name in names and lin.is_linear)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"

@@ -1,0 +1,121 @@
+"""Measure memory the way `torch.cuda.max_memory_allocated()` would, on any device.
+
+`LiveTensorBytes` is a TorchDispatchMode that records every tensor storage an op creates and
+watches it with a weak reference, so `peak` is the largest total of live storage bytes seen
+while the mode was active, on top of a `baseline` of storages that existed before (the model).
+On CUDA, the allocator's own counters are used instead (`cuda_peak`).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+def _storage_key(t: torch.Tensor):
+    st = t.untyped_storage()
+    return st, st.data_ptr(), st.nbytes()
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak live tensor bytes, counting each storage once."""
+
+    def __init__(self, baseline_tensors=()):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self._refs: dict[int, weakref.ref] = {}
+        self.current = 0
+        self.peak = 0
+        for t in baseline_tensors:
+            self._track(t)
+        self.baseline = self.current
+        self.peak = self.current
+
+    def _free(self, key: int, _ref=None):
+        nbytes = self.live.pop(key, 0)
+        self._refs.pop(key, None)
+        self.current -= nbytes
+
+    def _track(self, t: torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        try:
+            st, ptr, nbytes = _storage_key(t)
+        except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
+            return
+        if nbytes == 0 or ptr in self.live:
+            return
+        self.live[ptr] = nbytes
+        self._refs[ptr] = weakref.ref(st, lambda r, k=ptr: self._free(k))
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+
+    def reset_peak(self):
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def model_tensors(model) -> list[torch.Tensor]:
+    """Every tensor the model holds: parameters, buffers and bitsandbytes quantization state."""
+    out: list[torch.Tensor] = []
+    for p in model.parameters():
+        out.append(p.data)
+    for b in model.buffers():
+        out.append(b)
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        while qs is not None:
+            for name in ("absmax", "code", "offset"):
+                t = getattr(qs, name, None)
+                if isinstance(t, torch.Tensor):
+                    out.append(t)
+            qs = getattr(qs, "state2", None)
+    return out
+
+
+def unique_bytes(tensors) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def rss_high_water_reset() -> None:
+    """Reset the process's peak RSS (VmHWM) on Linux."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def rss_high_water_bytes() -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def rss_bytes() -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None

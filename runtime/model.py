@@ -1,0 +1,99 @@
+"""Model loading and method setup: the one place that decides how each method holds its weights.
+
+The planner's estimator (`peftplan.planner.assumptions`) describes exactly what this module does;
+a change here changes the estimator and its calibration data in the same commit.
+
+- full:  all weights in the training dtype, all trainable.
+- lora:  base in the training dtype, frozen; peft LoRA adapters (fp32: peft upcasts adapter weights).
+- qlora: base linear layers of the decoder in 4-bit NF4 with double quantization (bitsandbytes),
+         embeddings / norms / lm_head left in the training dtype; LoRA adapters as above.
+- dora / qdora: as lora / qlora with `use_dora=True` (a trainable magnitude vector per adapted module).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+QUANTIZED = ("qlora", "qdora")
+ADAPTERS = ("lora", "qlora", "dora", "qdora")
+
+
+@dataclass(frozen=True)
+class MethodSetup:
+    method: str  # full | lora | qlora | dora | qdora
+    dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    attention: str = "sdpa"
+    gradient_checkpointing: bool = True
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+    trust_remote_code: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def quantization_config(setup: MethodSetup):
+    if setup.method not in QUANTIZED:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(setup.dtype),
+    )
+
+
+def load_model(model_path: str, setup: MethodSetup, device_map: Any = None):
+    """Load the base model for `setup` (safetensors only) and apply the method."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(setup.dtype),
+        "attn_implementation": setup.attention,
+        "use_safetensors": True,
+        "trust_remote_code": setup.trust_remote_code,
+    }
+    quant = quantization_config(setup)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    return apply_method(model, setup)
+
+
+def apply_method(model, setup: MethodSetup):
+    """Gradient checkpointing, then the adapter (LoRA/DoRA) or nothing (full)."""
+    model.config.use_cache = False
+    if setup.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.method == "full":
+        model.requires_grad_(True)
+        return model
+    if setup.method not in ADAPTERS:
+        raise ValueError(f"unknown method {setup.method!r}")
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=setup.rank,
+        lora_alpha=setup.alpha,
+        lora_dropout=setup.dropout,
+        target_modules=setup.target_modules,
+        use_dora=setup.method in ("dora", "qdora"),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,169 @@
+"""Read a spec file into a `Spec`, collecting every problem at once.
+
+Each problem names the key as written in the TOML (`training.micro_batch_size`) and, where the
+key can be found in the file, its line. TOML syntax errors give the line and column.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    line: int | None = None
+    severity: str = "error"  # "error" | "warning"
+
+    def render(self, path: str | Path | None = None) -> str:
+        where = ""
+        if path is not None:
+            where = f"{path}:{self.line}: " if self.line else f"{path}: "
+        label = "warning: " if self.severity == "warning" else ""
+        return f"{where}{label}{self.key}: {self.message}" if self.key else f"{where}{label}{self.message}"
+
+
+class SpecError(Exception):
+    """The user's input is wrong. Carries every problem found, one line each."""
+
+    def __init__(self, problems: list[Problem], path: str | Path | None = None):
+        self.problems = problems
+        self.path = path
+        super().__init__("\n".join(p.render(path) for p in problems))
+
+    def lines(self) -> list[str]:
+        return [p.render(self.path) for p in self.problems]
+
+
+def read_spec_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise SpecError([Problem("", f"spec file not found: {p}")])
+    if p.is_dir():
+        raise SpecError([Problem("", f"{p} is a directory; pass a spec file such as {p}/spec.toml")])
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError([Problem("", f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    except OSError as exc:
+        raise SpecError([Problem("", f"cannot read {p}: {exc.strerror}")]) from None
+
+
+_TOML_POS = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
+
+
+def parse_toml(text: str, path: str | Path = "spec") -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        m = _TOML_POS.match(str(exc))
+        if m:
+            msg = f"{path}:{m['line']}:{m['col']}: TOML syntax error: {m['msg']}"
+        else:
+            msg = f"{path}: TOML syntax error: {exc}"
+        raise SpecError([Problem("", msg)]) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Parse and validate a spec file. Raises `SpecError` listing every problem."""
+    text = read_spec_text(path)
+    return spec_from_dict(parse_toml(text, path), text=text, path=path)
+
+
+def spec_from_dict(data: dict, *, text: str = "", path: str | Path | None = None) -> Spec:
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        lines = _KeyLines(text)
+        problems = [_problem(err, lines) for err in exc.errors()]
+        problems.sort(key=lambda p: (p.line or 10**9, p.key))
+        raise SpecError(problems, path) from None
+
+
+def _problem(err: dict, lines: "_KeyLines") -> Problem:
+    loc = [str(part) for part in err["loc"]]
+    # pydantic adds the union member tried ("list[str]", "literal['all-linear']") to loc: drop them.
+    loc = [part for part in loc if not part.startswith(("list[", "literal[", "function-"))]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, name = loc[:-1], loc[-1]
+        choices = _fields_at(parent)
+        close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        where = ".".join(parent) or "the top level"
+        msg = f"unknown key{hint}; keys allowed in [{where}]: {', '.join(choices)}" if parent else (
+            f"unknown table{hint}; tables allowed: {', '.join(choices)}")
+        return Problem(key, msg, lines.find(loc))
+    if kind == "missing":
+        return Problem(key, "required key is missing", lines.find(loc[:-1]) if len(loc) > 1 else None)
+    return Problem(key, _message(err), lines.find(loc))
+
+
+def _message(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    got = err.get("input")
+    shown = repr(got) if not isinstance(got, dict) else "a table"
+    if kind == "greater_than_equal":
+        return f"must be ≥ {ctx['ge']} (got {shown})"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']} (got {shown})"
+    if kind == "less_than":
+        return f"must be < {ctx['lt']} (got {shown})"
+    if kind == "literal_error":
+        return f"must be one of {ctx['expected']} (got {shown})"
+    if kind in ("string_too_short",):
+        return "must not be empty"
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{err['msg'].lower()} (got {shown})"
+    return f"{err['msg']} (got {shown})"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Spec
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+class _KeyLines:
+    """Find the line where a dotted key is written, from the raw TOML text (best effort)."""
+
+    _header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\s*(#.*)?$")
+    _assign = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
+
+    def __init__(self, text: str):
+        self.index: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for number, line in enumerate(text.splitlines(), start=1):
+            m = self._header.match(line)
+            if m:
+                table = tuple(part.strip().strip('"') for part in m.group(1).split("."))
+                self.index.setdefault(table, number)
+                continue
+            m = self._assign.match(line)
+            if m:
+                name = m.group(1).strip('"')
+                self.index.setdefault(table + (name,), number)
+                # dotted keys at top level, e.g. `training.seed = 1`
+                if "." in name:
+                    self.index.setdefault(tuple(name.split(".")), number)
+
+    def find(self, loc: list[str]) -> int | None:
+        for end in range(len(loc), 0, -1):
+            if (line := self.index.get(tuple(loc[:end]))) is not None:
+                return line
+        return None
