@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_ID = "https://peftplan.dev/schemas/spec.schema.json"
-
 MethodName = Literal["full", "lora", "qlora", "dora", "qdora"]
 METHOD_NAMES: tuple[str, ...] = ("full", "lora", "qlora", "dora", "qdora")
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
@@ -131,4 +129,4 @@ class Spec(_Table):
 def json_schema() -> dict:
     """The spec's JSON Schema, as editors (taplo / Even Better TOML) and `peftplan schema` use it."""
     schema = Spec.model_json_schema()
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **schema}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
