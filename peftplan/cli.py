@@ -11,6 +11,10 @@ from pathlib import Path
 
 from . import __version__
 
+# pydantic scans installed packages' entry points for plugins on first validation (~50 ms of
+# importlib.metadata); peftplan uses none. Respect an explicit setting.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NOFIT = 0, 1, 2, 3
 
 
@@ -153,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SpecError as exc:
+        spec_path = getattr(args, "spec", None)
+        if exc.path is None and spec_path and Path(spec_path).is_file():
+            from .schemas import locate
+
+            exc = locate(exc.problems, spec_path)
         for line in exc.lines():
             print(line, file=sys.stderr)
         return EXIT_INPUT

@@ -33,6 +33,9 @@ def attention_saved_bytes(s: Setup) -> tuple[int, dict]:
         kv = a  # repeat_kv materializes k and v at num_heads (eager; sdpa with a padding mask)
     saved = e * T * a * d + 2 * e * T * kv * d  # q, k, v after rotary
     formula = "e·T·(a·d + 2·kv·d)"
+    if sh.fused_qkv_views:
+        saved += e * T * (a + sh.num_kv_heads) * d  # v is a view of the fused qkv output: all of it stays
+        formula += " + e·T·(a+kv)·d (fused qkv storage)"
     if g.attention == "eager":
         saved += 4 * b * a * seq * seq + e * b * a * seq * seq  # fp32 softmax + its 16-bit copy
         formula += " + (4+e)·b·a·s²"
@@ -140,6 +143,6 @@ def checkpoint_term(s: Setup) -> Term:
 def backward_working_term(s: Setup, method: Method) -> Term:
     sh, T = s.shape, s.geometry.tokens
     width = max(sh.hidden_size, sh.intermediate_size * (sh.experts_per_token or 1))
-    c = method.backward_working_coefficient()
+    c = method.backward_working_coefficient(sh.gated_mlp)
     return Term("transient", "gradients flowing through one layer", c * T * width, f"{c}·T·max(h, i)",
                 {"T": T, "width": width})

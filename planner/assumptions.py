@@ -76,10 +76,11 @@ DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": None}  # None: same as the dropped tenso
 LOGIT_FP32_COPIES_AT_PEAK = 3
 
 # Working memory of one decoder layer's backward pass (gradients of its intermediate tensors), in
-# bytes per token per feature of the widest adapted/trained input. Measured: ~10 bytes/element for
+# bytes per token per feature of the widest adapted/trained input. Measured: ~8 bytes/element for
 # fp32 adapters under autocast (a 16-bit gradient, its fp32 copy through peft's cast and the 16-bit
 # result), ~6 for full fine-tuning.
-BACKWARD_WORKING_BYTES = {"adapter": 10, "full": 6}
+# A non-gated MLP (GPT-2, Phi-2) has one intermediate gradient fewer: ~6.
+BACKWARD_WORKING_BYTES = {"adapter": 8, "adapter_plain_mlp": 6, "full": 6}
 
 # --- Device overhead (device_total_bytes - peak_allocated_bytes) ----------------------------------
 # CUDA context + cuBLAS/cuDNN workspaces as nvidia-smi shows them for a PyTorch process: about

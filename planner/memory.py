@@ -29,6 +29,8 @@ from .activations import (
 from .methods import METHODS, Method, Tensors
 from .terms import COMPONENTS, Setup, Term
 
+NOT_ALLOCATED = ("overhead", "paged_optimizer")
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -46,11 +48,19 @@ class MemoryEstimate:
 
     @property
     def peak_allocated_bytes(self) -> int:
-        return sum(int(t.bytes) for t in self.terms if t.component != "overhead")
+        """What torch.cuda.max_memory_allocated() reports: every component but the overhead and the
+        paged optimizer state (CUDA unified memory, outside PyTorch's allocator)."""
+        return sum(int(t.bytes) for t in self.terms if t.component not in NOT_ALLOCATED)
 
     @property
     def device_total_bytes(self) -> int:
+        """What nvidia-smi shows: everything, paged optimizer state included while it is resident."""
         return sum(int(t.bytes) for t in self.terms)
+
+    @property
+    def evictable_bytes(self) -> int:
+        """Paged optimizer state, which the driver moves to host memory when the device runs short."""
+        return sum(int(t.bytes) for t in self.terms if t.component == "paged_optimizer")
 
 
 def optimizer_state_bytes(tensors: list[Tensors], optimizer: str) -> tuple[int, str]:
@@ -88,8 +98,10 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         static.append(Term("adapter", "adapter weights (fp32)", train_bytes, "N_adapter × 4",
                            {"N_adapter": n_train}))
     opt_bytes, opt_formula = optimizer_state_bytes(tensors, s.optimizer)
-    static.append(Term("optimizer", f"{s.optimizer} state", opt_bytes, opt_formula,
-                       {"N": n_train, "optimizer": s.optimizer}))
+    paged = s.optimizer.startswith("paged_")
+    static.append(Term("paged_optimizer" if paged else "optimizer",
+                       f"{s.optimizer} state" + (" (CUDA unified memory, evictable to host)" if paged else ""),
+                       opt_bytes, opt_formula, {"N": n_train, "optimizer": s.optimizer}))
     grads = Term("gradients", "gradients of the trainable tensors", train_bytes, "N × param bytes",
                  {"N": n_train})
     held_grads = [grads] if g.gradient_accumulation_steps > 1 else []
@@ -108,8 +120,13 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         one_layer = Term("activations", "one recomputed layer", layer_bytes, "per-layer activations",
                          {"terms": {t.label: int(t.bytes) for t in per_layer}})
         phases["loss"] = [ckpt, *outside, logits, *held_grads]
-        # Recomputing a layer: gradients of later layers already exist (full fine-tuning: almost all).
-        phases["recompute"] = [ckpt, one_layer, working, *transient, grads]
+        # Recomputing layer 0: every later layer's gradients already exist. Its forward (with the
+        # method's transient buffers) and its backward (gradients flowing) do not overlap: the larger counts.
+        later = Term("gradients", "gradients of the layers already back-propagated",
+                     train_bytes - (0 if held_grads else m.not_yet_graded_bytes(s)), "N × bytes − layer 0",
+                     {"N": n_train})
+        inner = max([working, *transient], key=lambda t: t.bytes)
+        phases["recompute"] = [ckpt, one_layer, inner, later]
     else:
         saved = layer_bytes * sh.num_layers - m.layer0_savings(s, T) - _layer0_norm(s, m)
         all_layers = Term("activations", f"{sh.num_layers} layers × per-layer activations", saved,
@@ -117,13 +134,14 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
                           {"L": sh.num_layers, "layer": int(layer_bytes),
                            "terms": {t.label: int(t.bytes) for t in per_layer}})
         phases["loss"] = [all_layers, *outside, logits, *held_grads]
-        phases["layer"] = [all_layers, *outside, working, *transient, *held_grads]
+        inner = max([working, *transient], key=lambda t: t.bytes)
+        phases["layer"] = [all_layers, *outside, inner, *held_grads]
     phases["optimizer"] = [grads]
 
     totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
     phase = max(totals, key=lambda k: totals[k])
     terms = [*static, *phases[phase]]
-    peak = sum(int(t.bytes) for t in terms)
+    peak = sum(int(t.bytes) for t in terms if t.component not in NOT_ALLOCATED)
     terms += overhead_terms(s, peak)
     return MemoryEstimate(
         method=m.name,

@@ -30,7 +30,8 @@ class EstimateReport:
         return int(self.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION))
 
     def fits(self, est: MemoryEstimate) -> bool:
-        return est.device_total_bytes <= self.usable_bytes
+        """Paged optimizer state may spill to host memory, so it does not count against the device."""
+        return est.device_total_bytes - est.evictable_bytes <= self.usable_bytes
 
     def to_json(self) -> dict:
         g = self.resolved.setup.geometry
@@ -59,7 +60,8 @@ class EstimateReport:
             "peak_allocated_bytes": est.peak_allocated_bytes,
             "device_total_bytes": est.device_total_bytes,
             "fits": self.fits(est),
-            "headroom_bytes": self.usable_bytes - est.device_total_bytes,
+            "headroom_bytes": self.usable_bytes - (est.device_total_bytes - est.evictable_bytes),
+            "evictable_bytes": est.evictable_bytes,
             "trainable_parameters": est.trainable_parameters,
             "peak_phase": est.phase,
             "components": est.components(),
@@ -91,7 +93,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
 # --- rich rendering --------------------------------------------------------------------------------
 COLORS = {
     "weights": "blue", "quant_constants": "cyan", "adapter": "magenta", "gradients": "yellow",
-    "optimizer": "red", "activations": "green", "logits": "bright_green", "transient": "white",
+    "optimizer": "red", "paged_optimizer": "bright_red", "activations": "green", "logits": "bright_green", "transient": "white",
     "overhead": "bright_black",
 }
 
@@ -150,7 +152,7 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
     table.add_column("breakdown (bar = device memory)")
     for name, est in report.estimates.items():
         fits = report.fits(est)
-        head = report.usable_bytes - est.device_total_bytes
+        head = report.usable_bytes - (est.device_total_bytes - est.evictable_bytes)
         table.add_row(
             name, _gib(est.peak_allocated_bytes), _gib(est.device_total_bytes),
             Text("✓", style="green") if fits else Text("✗", style="red"),

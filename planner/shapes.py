@@ -61,6 +61,9 @@ class ModelShape:
     parallel_block: bool = False  # attention and MLP read the same normed input (Falcon, Phi-2)
     dropouts: dict = field(default_factory=dict)  # residual/embedding/attention dropout probabilities
     extra_layer_params: int = 0  # per layer, besides linears and norms (e.g. q/k norms)
+    supports_sdpa: bool = True  # transformers has an sdpa path for this architecture
+    fused_qkv_views: bool = False  # q/k/v are views of one fused projection output (Phi-3): v keeps it all alive
+    calibrated: bool = True  # the activation formulas were checked against measured training steps
 
     @property
     def norm_params(self) -> int:
@@ -155,6 +158,9 @@ def _llama_like(cfg: dict, model_type: str) -> ModelShape:
         final_logit_softcap=_get(cfg, "final_logit_softcapping"),
         attn_logit_softcap=_get(cfg, "attn_logit_softcapping"),
         dropouts={"attention": float(_get(cfg, "attention_dropout", default=0.0))},
+        supports_sdpa=model_type != "gemma2",
+        fused_qkv_views=model_type == "phi3",
+        calibrated=model_type != "mixtral",
     )
 
 
@@ -266,6 +272,7 @@ def _falcon(cfg: dict) -> ModelShape:
         gated_mlp=False,
         activation=str(_get(cfg, "activation", default="gelu")),
         parallel_block=parallel,
+        calibrated=False,
         dropouts={
             "residual": float(_get(cfg, "hidden_dropout", default=0.0)),
             "attention": float(_get(cfg, "attention_dropout", default=0.0)),

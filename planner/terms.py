@@ -12,6 +12,7 @@ COMPONENTS = (
     "adapter",
     "gradients",
     "optimizer",
+    "paged_optimizer",
     "activations",
     "logits",
     "transient",

@@ -1,6 +1,6 @@
 """The spec users write: pydantic models, loading with every problem reported, the JSON Schema."""
 
-from .load import Problem, SpecError, load_spec, parse_toml, read_spec_text, spec_from_dict
+from .load import Problem, SpecError, load_spec, locate, parse_toml, read_spec_text, spec_from_dict
 from .spec import METHOD_NAMES, Spec, json_schema
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "SpecError",
     "json_schema",
     "load_spec",
+    "locate",
     "parse_toml",
     "read_spec_text",
     "spec_from_dict",

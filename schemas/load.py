@@ -65,11 +65,16 @@ def parse_toml(text: str, path: str | Path = "spec") -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        m = _TOML_POS.match(str(exc))
+        text_msg = str(exc)
+        if text_msg.endswith("(at end of document)"):
+            end_line = text.count("\n") + 1
+            end_col = len(text.rsplit("\n", 1)[-1]) + 1
+            text_msg = f"{text_msg.removesuffix('(at end of document)').strip()} (at line {end_line}, column {end_col})"
+        m = _TOML_POS.match(text_msg)
         if m:
             msg = f"{path}:{m['line']}:{m['col']}: TOML syntax error: {m['msg']}"
         else:
-            msg = f"{path}: TOML syntax error: {exc}"
+            msg = f"{path}: TOML syntax error: {text_msg}"
         raise SpecError([Problem("", msg)]) from None
 
 
@@ -84,7 +89,7 @@ def spec_from_dict(data: dict, *, text: str = "", path: str | Path | None = None
         return Spec.model_validate(data)
     except ValidationError as exc:
         lines = _KeyLines(text)
-        problems = [_problem(err, lines) for err in exc.errors()]
+        problems = _merge_union_errors([_problem(err, lines) for err in exc.errors()], exc.errors())
         problems.sort(key=lambda p: (p.line or 10**9, p.key))
         raise SpecError(problems, path) from None
 
@@ -93,7 +98,11 @@ def _problem(err: dict, lines: "_KeyLines") -> Problem:
     loc = [str(part) for part in err["loc"]]
     # pydantic adds the union member tried ("list[str]", "literal['all-linear']") to loc: drop them.
     loc = [part for part in loc if not part.startswith(("list[", "literal[", "function-"))]
+    item = next((part for part in loc if part.isdigit()), None)
+    loc = [part for part in loc if not part.isdigit()]
     key = ".".join(loc)
+    if item is not None:
+        return Problem(key, f"item {item}: {_message(err)}", lines.find(loc))
     kind = err["type"]
     if kind == "extra_forbidden":
         parent, name = loc[:-1], loc[-1]
@@ -107,6 +116,33 @@ def _problem(err: dict, lines: "_KeyLines") -> Problem:
     if kind == "missing":
         return Problem(key, "required key is missing", lines.find(loc[:-1]) if len(loc) > 1 else None)
     return Problem(key, _message(err), lines.find(loc))
+
+
+def _expectation(err: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "literal_error":
+        return ctx["expected"]
+    if kind.endswith("_type"):
+        return "a " + kind.removesuffix("_type").replace("_", " ")
+    return err["msg"].lower()
+
+
+def _merge_union_errors(problems: list[Problem], errors: list[dict]) -> list[Problem]:
+    """A value that matches no member of a union gives one line, not one per member."""
+    by_key: dict[str, list[int]] = {}
+    for n, p in enumerate(problems):
+        by_key.setdefault(p.key, []).append(n)
+    out: list[Problem] = []
+    for key, idx in by_key.items():
+        if len(idx) == 1:
+            out.append(problems[idx[0]])
+            continue
+        got = errors[idx[0]].get("input")
+        wants = " or ".join(dict.fromkeys(_expectation(errors[n]) for n in idx))
+        items = [problems[n].message for n in idx if problems[n].message.startswith("item ")]
+        detail = f"; {'; '.join(items)}" if items else ""
+        out.append(Problem(key, f"must be {wants} (got {got!r}){detail}", problems[idx[0]].line))
+    return out
 
 
 def _message(err: dict) -> str:
@@ -123,6 +159,12 @@ def _message(err: dict) -> str:
         return f"must be one of {ctx['expected']} (got {shown})"
     if kind in ("string_too_short",):
         return "must not be empty"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a table, e.g. [{'.'.join(str(p) for p in err['loc'])}] (got {shown})"
+    if kind == "too_short":
+        return f"must not be empty (got {shown})"
+    if kind == "finite_number":
+        return f"must be a finite number (got {shown})"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{err['msg'].lower()} (got {shown})"
     return f"{err['msg']} (got {shown})"
@@ -139,11 +181,22 @@ def _fields_at(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def locate(problems: list[Problem], path: str | Path) -> SpecError:
+    """Attach the spec file and the keys' lines to problems found after loading (e.g. against the model)."""
+    try:
+        lines = _KeyLines(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return SpecError(problems, path)
+    placed = [p if p.line or not p.key else Problem(p.key, p.message, lines.find(p.key.split(".")), p.severity)
+              for p in problems]
+    return SpecError(placed, path)
+
+
 class _KeyLines:
     """Find the line where a dotted key is written, from the raw TOML text (best effort)."""
 
     _header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\s*(#.*)?$")
-    _assign = re.compile(r"^\s*([A-Za-z0-9_\-\"]+)\s*=")
+    _assign = re.compile(r"^\s*([A-Za-z0-9_\-\". ]+?)\s*=")
 
     def __init__(self, text: str):
         self.index: dict[tuple[str, ...], int] = {}
@@ -155,14 +208,16 @@ class _KeyLines:
                 self.index.setdefault(table, number)
                 continue
             m = self._assign.match(line)
-            if m:
-                name = m.group(1).strip('"')
-                self.index.setdefault(table + (name,), number)
-                # dotted keys at top level, e.g. `training.seed = 1`
-                if "." in name:
-                    self.index.setdefault(tuple(name.split(".")), number)
+            if m:  # `key = …`, also dotted: `training.seed = 1` at top level, `lora.rank = 2` in a table
+                parts = tuple(part.strip().strip('"') for part in m.group(1).split("."))
+                self.index.setdefault(table + parts, number)
 
     def find(self, loc: list[str]) -> int | None:
+        want = tuple(loc)
+        if want not in self.index:  # a dotted key written under its table: `lora.rank = 2` in [method]
+            deeper = [line for key, line in self.index.items() if key[: len(want)] == want]
+            if deeper:
+                return min(deeper)
         for end in range(len(loc), 0, -1):
             if (line := self.index.get(tuple(loc[:end]))) is not None:
                 return line

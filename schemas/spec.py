@@ -7,7 +7,7 @@ Every table forbids unknown keys. A key left out is `None` and the planner choos
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,112 +18,72 @@ Attention = Literal["sdpa", "eager", "flash_attention_2"]
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # strict: `true` is not a batch size and "8" is not a rank; no inf/nan in any number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Table):
-    name: str = Field(min_length=1)
-    """Catalog id (`peftplan models`), hub id present in the local Hugging Face cache, a local model directory, or a path to a config.json."""
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """Dtype of the non-quantized weights and of compute. `auto`: bfloat16 where the device supports it, float16 otherwise, float32 on CPU."""
-    trust_remote_code: bool = False
-    """Allow the model's own Python code from the hub to run when it is loaded. Off unless you trust the repository."""
+    name: str = Field(min_length=1, description="Catalog id (`peftplan models`), hub id present in the local Hugging Face cache, a local model directory, or a path to a config.json.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Dtype of the non-quantized weights and of compute. `auto`: bfloat16 where the device supports it, float16 otherwise, float32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Allow the model's own Python code from the hub to run when it is loaded. Off unless you trust the repository.")
 
 
 class DataSpec(_Table):
-    num_examples: int | None = Field(default=None, ge=1)
-    """How many training examples. Needed for time, cost and steps per epoch."""
-    seq_len: int | None = Field(default=None, ge=1)
-    """Maximum tokens per training sequence: what a batch row is padded or packed to. Default: 2048, capped at the model's maximum."""
-    avg_tokens: int | None = Field(default=None, ge=1)
-    """Mean tokens per example, for time estimates. Default: seq_len (every row full)."""
-    path: str | None = Field(default=None, min_length=1)
-    """Training data: a local JSONL, JSON, CSV or Parquet file (or a hub dataset name when online). Optional for plan/estimate; required for generate/run."""
-    format: Literal["auto", "chat", "instruction", "completion", "text"] = "auto"
-    """Record layout: chat (messages), instruction (instruction/input/output), completion (prompt/completion) or text. `auto` detects it from the first record."""
-    packing: bool | None = None
-    """Pack several examples into each seq_len row instead of padding. Default: chosen by the planner."""
-    eval_fraction: float | None = Field(default=None, ge=0, lt=1)
-    """Fraction of examples held out for evaluation. Default: chosen by the planner."""
+    num_examples: int | None = Field(default=None, ge=1, description="How many training examples. Needed for time, cost and steps per epoch.")
+    seq_len: int | None = Field(default=None, ge=1, description="Maximum tokens per training sequence: what a batch row is padded or packed to. Default: 2048, capped at the model's maximum.")
+    avg_tokens: int | None = Field(default=None, ge=1, description="Mean tokens per example, for time estimates. Default: seq_len (every row full).")
+    path: str | None = Field(default=None, min_length=1, description="Training data: a local JSONL, JSON, CSV or Parquet file (or a hub dataset name when online). Optional for plan/estimate; required for generate/run.")
+    format: Literal["auto", "chat", "instruction", "completion", "text"] = Field("auto", description="Record layout: chat (messages), instruction (instruction/input/output), completion (prompt/completion) or text. `auto` detects it from the first record.")
+    packing: bool | None = Field(None, description="Pack several examples into each seq_len row instead of padding. Default: chosen by the planner.")
+    eval_fraction: float | None = Field(default=None, ge=0, lt=1, description="Fraction of examples held out for evaluation. Default: chosen by the planner.")
 
 
 class HardwareSpec(_Table):
-    gpu: str = Field(min_length=1)
-    """Device name, matched loosely against the catalog (`peftplan gpus`): `A100-80GB`, `a100 80gb`, `NVIDIA A100-SXM4-80GB`. `cpu` trains on the CPU."""
-    memory_gib: float | None = Field(default=None, gt=0)
-    """Memory per device in GiB. Required when `gpu` is not in the catalog; for `cpu` it defaults to this machine's RAM."""
-    count: int = Field(default=1, ge=1)
-    """Devices per node."""
-    nodes: int = Field(default=1, ge=1)
-    """Number of nodes (machines)."""
-    price_usd_per_hour: float | None = Field(default=None, ge=0)
-    """Your price for one device-hour, overriding the catalog's typical price."""
+    gpu: str = Field(min_length=1, description="Device name, matched loosely against the catalog (`peftplan gpus`): `A100-80GB`, `a100 80gb`, `NVIDIA A100-SXM4-80GB`. `cpu` trains on the CPU.")
+    memory_gib: float | None = Field(default=None, gt=0, description="Memory per device in GiB. Required when `gpu` is not in the catalog; for `cpu` it defaults to this machine's RAM.")
+    count: int = Field(default=1, ge=1, description="Devices per node.")
+    nodes: int = Field(default=1, ge=1, description="Number of nodes (machines).")
+    price_usd_per_hour: float | None = Field(default=None, ge=0, description="Your price for one device-hour, overriding the catalog's typical price.")
 
 
 class MethodSpec(_Table):
-    name: Literal["auto", "full", "lora", "qlora", "dora", "qdora"] = "auto"
-    """Fine-tuning method. `auto` lets the planner choose."""
-    rank: int | None = Field(default=None, ge=1)
-    """LoRA rank r of the adapter matrices A (r x in) and B (out x r)."""
-    alpha: float | None = Field(default=None, gt=0)
-    """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float | None = Field(default=None, ge=0, lt=1)
-    """Dropout applied to the adapter's input (LoRA family only)."""
-    target_modules: Literal["all-linear"] | list[str] | None = None
-    """Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of module names such as ["q_proj", "v_proj"]."""
+    name: Literal["auto", "full", "lora", "qlora", "dora", "qdora"] = Field("auto", description="Fine-tuning method. `auto` lets the planner choose.")
+    rank: int | None = Field(default=None, ge=1, description="LoRA rank r of the adapter matrices A (r x in) and B (out x r).")
+    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float | None = Field(default=None, ge=0, lt=1, description="Dropout applied to the adapter's input (LoRA family only).")
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = Field(None, description="Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of module names such as [\"q_proj\", \"v_proj\"].")
 
 
 class TrainingSpec(_Table):
-    micro_batch_size: int | None = Field(default=None, ge=1)
-    """Sequences per device per forward/backward pass."""
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1)
-    """Micro-batches accumulated before each optimizer step."""
-    gradient_checkpointing: bool | None = None
-    """Recompute each decoder layer in the backward pass instead of storing its activations."""
-    optimizer: Optimizer | None = None
-    """Optimizer: 32-bit AdamW (adamw_torch), 8-bit AdamW from bitsandbytes (adamw_8bit), their paged variants, or plain SGD."""
-    attention: Attention | None = None
-    """Attention implementation: sdpa (PyTorch fused), eager (materializes the seq x seq matrix) or flash_attention_2."""
-    epochs: float | None = Field(default=None, gt=0)
-    """Passes over the training data."""
-    learning_rate: float | None = Field(default=None, gt=0)
-    """Peak learning rate."""
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = None
-    """Learning-rate schedule after warmup."""
-    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
-    """Fraction of steps spent warming the learning rate up from zero."""
-    max_steps: int | None = Field(default=None, ge=1)
-    """Stop after this many optimizer steps (overrides epochs)."""
-    seed: int = 42
-    """Random seed, set before the adapter is created."""
-    save_steps: int | None = Field(default=None, ge=1)
-    """Checkpoint every N optimizer steps."""
+    micro_batch_size: int | None = Field(default=None, ge=1, description="Sequences per device per forward/backward pass.")
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, description="Micro-batches accumulated before each optimizer step.")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute each decoder layer in the backward pass instead of storing its activations.")
+    optimizer: Optimizer | None = Field(None, description="Optimizer: 32-bit AdamW (adamw_torch), 8-bit AdamW from bitsandbytes (adamw_8bit), their paged variants, or plain SGD.")
+    attention: Attention | None = Field(None, description="Attention implementation: sdpa (PyTorch fused), eager (materializes the seq x seq matrix) or flash_attention_2.")
+    epochs: float | None = Field(default=None, gt=0, description="Passes over the training data.")
+    learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = Field(None, description="Learning-rate schedule after warmup.")
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up from zero.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    seed: int = Field(42, description="Random seed, set before the adapter is created.")
+    save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N optimizer steps.")
 
 
 class ObjectiveSpec(_Table):
-    priority: Literal["balanced", "quality", "memory", "speed", "cost"] = "balanced"
-    """What the planner optimizes when several candidates fit."""
-    max_hours: float | None = Field(default=None, gt=0)
-    """Reject plans whose estimated time exceeds this many hours."""
-    budget_usd: float | None = Field(default=None, gt=0)
-    """Reject plans whose estimated cost exceeds this many US dollars."""
+    priority: Literal["balanced", "quality", "memory", "speed", "cost"] = Field("balanced", description="What the planner optimizes when several candidates fit.")
+    max_hours: float | None = Field(default=None, gt=0, description="Reject plans whose estimated time exceeds this many hours.")
+    budget_usd: float | None = Field(default=None, gt=0, description="Reject plans whose estimated cost exceeds this many US dollars.")
 
 
 class Spec(_Table):
     """A peftplan spec: what to fine-tune, on how much data, on which hardware."""
 
-    model: ModelSpec
-    """The base model."""
-    data: DataSpec = DataSpec()
-    """How much data, and where it is."""
-    hardware: HardwareSpec
-    """The devices you have or will rent."""
-    method: MethodSpec = MethodSpec()
-    """The fine-tuning method and its adapter settings."""
-    training: TrainingSpec = TrainingSpec()
-    """Batch geometry, optimizer and schedule."""
-    objective: ObjectiveSpec = ObjectiveSpec()
-    """What to optimize when several plans fit."""
+    model: ModelSpec = Field(description="The base model.")
+    data: DataSpec = Field(DataSpec(), description="How much data, and where it is.")
+    hardware: HardwareSpec = Field(description="The devices you have or will rent.")
+    method: MethodSpec = Field(MethodSpec(), description="The fine-tuning method and its adapter settings.")
+    training: TrainingSpec = Field(TrainingSpec(), description="Batch geometry, optimizer and schedule.")
+    objective: ObjectiveSpec = Field(ObjectiveSpec(), description="What to optimize when several plans fit.")
 
 
 def json_schema() -> dict:

@@ -65,11 +65,17 @@ class Method:
     def layer_transient_terms(self, s: Setup, tokens: int) -> list[Term]:
         return []
 
+    def not_yet_graded_bytes(self, s: Setup) -> int:
+        """Gradient bytes that do not exist yet while the first layer is recomputed in backward:
+        that layer's own trainable tensors (and, for full fine-tuning, the input embeddings)."""
+        tensors = self.trainable_tensors(s)
+        return sum(t.elements * t.bytes_per for t in tensors) // s.shape.num_layers
+
     def trains_norms(self) -> bool:
         return False
 
     def trains_lm_head(self) -> bool:
         return False
 
-    def backward_working_coefficient(self) -> int:
-        return A.BACKWARD_WORKING_BYTES["adapter"]
+    def backward_working_coefficient(self, gated_mlp: bool) -> int:
+        return A.BACKWARD_WORKING_BYTES["adapter" if gated_mlp else "adapter_plain_mlp"]

@@ -48,13 +48,20 @@ class Full(Method):
         total = e * sum(by_input.values())
         return total, {"distinct_inputs(elements)": dict(by_input), "bytes": e}
 
+    def not_yet_graded_bytes(self, s: Setup) -> int:
+        sh, b = s.shape, self.weight_bytes(s)
+        per_norm = 2 if sh.norm == "layernorm" else 1
+        layer = sh.linear_params_per_layer + sh.router_params_per_layer + per_norm * sh.hidden_size * sh.norms_per_layer
+        embeddings = 0 if sh.tie_embeddings else sh.vocab_size * sh.hidden_size  # tied: lm_head graded it first
+        return b * (layer + embeddings + sh.learned_positions * sh.hidden_size)
+
     def trains_norms(self) -> bool:
         return True
 
     def trains_lm_head(self) -> bool:
         return True
 
-    def backward_working_coefficient(self) -> int:
+    def backward_working_coefficient(self, gated_mlp: bool) -> int:
         return A.BACKWARD_WORKING_BYTES["full"]
 
 

@@ -1,0 +1,244 @@
+"""Calibration harness: real training steps through the runtime's own loading and method setup,
+measured peak memory next to the estimator's prediction.
+
+    python benchmarks/calibrate.py --matrix quick --out benchmarks/results/calibration.csv
+
+On CPU it measures peak live tensor bytes (runtime.memprobe.LiveTensorBytes, what
+torch.cuda.max_memory_allocated would report) and the process's peak RSS delta; on CUDA,
+max_memory_allocated / max_memory_reserved. Models are built from configs with random weights,
+saved with save_pretrained and loaded back through runtime.model.load_model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAMILIES: dict[str, dict] = {
+    # a Llama-style model with GQA
+    "llama": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False,
+                  max_position_embeddings=2048),
+    "qwen2": dict(model_type="qwen2", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1200, tie_word_embeddings=True,
+                  max_position_embeddings=2048),
+    "gemma2": dict(model_type="gemma2", hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1500,
+                   final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=64,
+                   max_position_embeddings=2048, sliding_window=4096),
+    "phi3": dict(model_type="phi3", hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=8, vocab_size=1100, max_position_embeddings=2048,
+                 tie_word_embeddings=False, pad_token_id=0),
+    "gpt2": dict(model_type="gpt2", n_embd=256, n_layer=4, n_head=8, vocab_size=1000, n_positions=1024,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "phi": dict(model_type="phi", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=8, vocab_size=1000, max_position_embeddings=2048, resid_pdrop=0.0,
+                embd_pdrop=0.0, attention_dropout=0.0, partial_rotary_factor=0.5),
+}
+
+
+@dataclass
+class Run:
+    family: str
+    method: str
+    batch: int = 2
+    seq: int = 128
+    gc: bool = False
+    dropout: float = 0.0
+    attention: str = "sdpa"
+    padded: bool = False
+    optimizer: str = "adamw_torch"
+    rank: int = 8
+    dtype: str = "bfloat16"
+    scale: dict = field(default_factory=dict)  # config overrides (bigger models)
+
+    def __post_init__(self):
+        if self.family == "gemma2" and self.attention == "sdpa":
+            self.attention = "eager"  # transformers has no sdpa path for Gemma 2 (attention soft-capping)
+
+    def config(self) -> dict:
+        return {**FAMILIES[self.family], **self.scale}
+
+    def key(self) -> str:
+        return (f"{self.family}-{self.method}-b{self.batch}s{self.seq}-gc{int(self.gc)}-do{self.dropout}"
+                f"-{self.attention}{'-pad' if self.padded else ''}-{self.optimizer}")
+
+
+def build_model_dir(cfg: dict, root: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = json.dumps(cfg, sort_keys=True)
+    path = root / f"m{abs(hash(name)) % 10**12}"
+    if (path / "config.json").exists():
+        return path
+    config = AutoConfig.for_model(**cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def predict(run: Run) -> dict:
+    from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
+
+    s = Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
+              AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
+              dtype=run.dtype, device_kind="cuda" if _cuda() else "cpu")
+    est = estimate(run.method, s)
+    return {"predicted_peak": est.peak_allocated_bytes, "predicted_total": est.device_total_bytes,
+            "predicted_phase": est.phase, **{f"pred_{k}": v for k, v in est.components().items()}}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def measure(run: Run, root: Path, steps: int = 3) -> dict:
+    import torch
+
+    from peftplan.runtime.memprobe import (LiveTensorBytes, model_tensors, rss_high_water_bytes,
+                                           rss_high_water_reset, rss_bytes)
+    from peftplan.runtime.model import MethodSetup, load_model
+    from peftplan.runtime.optim import build_optimizer
+
+    path = build_model_dir(run.config(), root)
+    cuda = _cuda()
+    setup = MethodSetup(method=run.method, dtype=run.dtype, attention=run.attention, gradient_checkpointing=run.gc,
+                        rank=run.rank, alpha=2 * run.rank, dropout=run.dropout)
+    rss0 = rss_bytes()
+    rss_high_water_reset()
+    model = load_model(str(path), setup, device_map="cuda" if cuda else None)
+    model.train()
+    vocab = model.config.get_text_config().vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (run.batch, run.seq), generator=gen)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    if run.padded:
+        mask = torch.ones_like(ids)
+        mask[0, -run.seq // 4:] = 0  # one row padded by a quarter
+        batch["attention_mask"] = mask
+        batch["labels"][mask == 0] = -100
+    if cuda:
+        batch = {k: v.cuda() for k, v in batch.items()}
+    opt = build_optimizer(run.optimizer, model.parameters(), lr=1e-4)
+    autocast = run.dtype != "float32"
+    device_type = "cuda" if cuda else "cpu"
+    peak = 0
+    for _ in range(steps):  # the last steps are steady state: optimizer state exists
+        state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            mode = None
+        else:
+            mode = LiveTensorBytes(model_tensors(model) + state)
+        ctx = mode if mode is not None else _null()
+        with ctx:
+            with torch.autocast(device_type, dtype=getattr(torch, run.dtype), enabled=autocast):
+                out = model(**batch)
+            loss = out.loss
+            del out
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+        peak = torch.cuda.max_memory_allocated() if cuda else mode.peak
+    result = {"measured_peak": int(peak), "rss_peak_delta": None, "measured_reserved": None}
+    if cuda:
+        result["measured_reserved"] = int(torch.cuda.max_memory_reserved())
+        result["device"] = torch.cuda.get_device_name()
+    else:
+        hwm = rss_high_water_bytes()
+        result["rss_peak_delta"] = (hwm - rss0) if (hwm and rss0) else None
+        result["device"] = "cpu"
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__}
+
+
+METHODS = ("full", "lora", "qlora", "dora", "qdora")
+
+
+def matrix(name: str) -> list[Run]:
+    if name == "quick":
+        return [Run("llama", m) for m in ("lora", "qlora", "dora")]
+    runs: list[Run] = []
+    for fam in FAMILIES:
+        for m in METHODS:
+            for gc in (False, True):
+                for b, s in ((2, 128), (1, 384)):
+                    runs.append(Run(fam, m, batch=b, seq=s, gc=gc))
+    runs += [Run("llama", "lora", attention="eager"), Run("qwen2", "qlora", attention="eager", gc=True),
+             Run("llama", "lora", dropout=0.1), Run("llama", "qlora", dropout=0.1, gc=True),
+             Run("qwen2", "lora", padded=True), Run("llama", "lora", optimizer="adamw_8bit"),
+             Run("llama", "full", optimizer="adamw_8bit", gc=True)]
+    return runs
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--matrix", default="quick", choices=("quick", "full"))
+    ap.add_argument("--family", action="append", help="only these families")
+    ap.add_argument("--method", action="append", help="only these methods")
+    ap.add_argument("--out", default="benchmarks/results/calibration.csv")
+    ap.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "peftplan-calibration-models"))
+    args = ap.parse_args(argv)
+    root = Path(args.models)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in matrix(args.matrix)
+            if (not args.family or r.family in args.family) and (not args.method or r.method in args.method)]
+    ver = versions()
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n, run in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,
+               "gradient_checkpointing": run.gc, "lora_dropout": run.dropout, "attention": run.attention,
+               "padded": run.padded, "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype,
+               "config": json.dumps(run.config(), sort_keys=True)}
+        row.update(predict(run))
+        row.update(measure(run, root))
+        row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]
+        row.update(ver)
+        rows.append(row)
+        print(f"[{n}/{len(runs)}] {run.key():60s} measured {row['measured_peak'] / 2**20:8.2f} MiB  "
+              f"predicted {row['predicted_peak'] / 2**20:8.2f} MiB  error {row['error']:+6.1%}  "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        with out.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
