@@ -5,7 +5,6 @@ Both are data files with a source per entry; this module only reads and matches 
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -89,6 +88,8 @@ def find_model(name: str) -> CatalogModel | None:
 
 
 def close_models(name: str, n: int = 3) -> list[str]:
+    import difflib
+
     ids = {m.id.lower(): m.id for m in models()}
     short = {m.id.split("/")[-1].lower(): m.id for m in models()}
     key = name.strip().lower()
@@ -98,9 +99,14 @@ def close_models(name: str, n: int = 3) -> list[str]:
 
 
 @lru_cache(maxsize=1)
-def devices() -> tuple[Device, ...]:
+def _raw_devices() -> list[dict]:
     with open(DATA / "gpus.toml", "rb") as fh:
-        raw = tomllib.load(fh)["gpus"]
+        return tomllib.load(fh)["gpus"]
+
+
+@lru_cache(maxsize=1)
+def devices() -> tuple[Device, ...]:
+    raw = _raw_devices()
     out = []
     for g in raw:
         mib = g.get("memory_total_mib")
@@ -128,10 +134,8 @@ def devices() -> tuple[Device, ...]:
 @lru_cache(maxsize=1)
 def _device_index() -> dict[str, Device]:
     index: dict[str, Device] = {}
-    with open(DATA / "gpus.toml", "rb") as fh:
-        raw = tomllib.load(fh)["gpus"]
     by_id = {d.id: d for d in devices()}
-    for g in raw:
+    for g in _raw_devices():
         for name in (g["id"], g["name"], *g.get("aliases", ())):
             index.setdefault(_norm(name), by_id[g["id"]])
     return index
@@ -149,6 +153,8 @@ def find_device(name: str) -> Device | None:
 
 
 def close_devices(name: str, n: int = 3) -> list[str]:
+    import difflib
+
     key = _norm(name)
     index = _device_index()
     hits = difflib.get_close_matches(key, list(index), n=8, cutoff=0.4)

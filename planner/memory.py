@@ -120,13 +120,14 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         one_layer = Term("activations", "one recomputed layer", layer_bytes, "per-layer activations",
                          {"terms": {t.label: int(t.bytes) for t in per_layer}})
         phases["loss"] = [ckpt, *outside, logits, *held_grads]
-        # Recomputing layer 0: every later layer's gradients already exist. Its forward (with the
-        # method's transient buffers) and its backward (gradients flowing) do not overlap: the larger counts.
+        # Recomputing layer 0: every later layer's gradients already exist. A de-quantized weight lives
+        # only inside one matmul, so it and the layer's backward gradients do not overlap: the larger
+        # counts. DoRA's weight-norm buffers are built in the recomputed forward while the gradients
+        # flowing into the layer are alive: measured, they add.
         later = Term("gradients", "gradients of the layers already back-propagated",
                      train_bytes - (0 if held_grads else m.not_yet_graded_bytes(s)), "N × bytes − layer 0",
                      {"N": n_train})
-        inner = max([working, *transient], key=lambda t: t.bytes)
-        phases["recompute"] = [ckpt, one_layer, inner, later]
+        phases["recompute"] = [ckpt, one_layer, *_inner(m, working, transient), later]
     else:
         saved = layer_bytes * sh.num_layers - m.layer0_savings(s, T) - _layer0_norm(s, m)
         all_layers = Term("activations", f"{sh.num_layers} layers × per-layer activations", saved,
@@ -134,8 +135,7 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
                           {"L": sh.num_layers, "layer": int(layer_bytes),
                            "terms": {t.label: int(t.bytes) for t in per_layer}})
         phases["loss"] = [all_layers, *outside, logits, *held_grads]
-        inner = max([working, *transient], key=lambda t: t.bytes)
-        phases["layer"] = [all_layers, *outside, inner, *held_grads]
+        phases["layer"] = [all_layers, *outside, *_inner(m, working, transient), *held_grads]
     phases["optimizer"] = [grads]
 
     totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
@@ -150,6 +150,13 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         terms=tuple(terms),
         phases={k: v + sum(int(t.bytes) for t in static) for k, v in totals.items()},
     )
+
+
+def _inner(m: Method, working: Term, transient: list[Term]) -> list[Term]:
+    """Short-lived buffers inside one layer at its worst moment."""
+    if m.dora:
+        return [working, *transient]
+    return [max([working, *transient], key=lambda t: t.bytes)]
 
 
 def _layer0_norm(s: Setup, m: Method) -> int:

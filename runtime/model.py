@@ -75,7 +75,11 @@ def apply_method(model, setup: MethodSetup):
     """Gradient checkpointing, then the adapter (LoRA/DoRA) or nothing (full)."""
     model.config.use_cache = False
     if setup.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if setup.method == "full":
         model.requires_grad_(True)
         return model

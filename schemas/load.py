@@ -6,7 +6,6 @@ key can be found in the file, its line. TOML syntax errors give the line and col
 
 from __future__ import annotations
 
-import difflib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -105,6 +104,8 @@ def _problem(err: dict, lines: "_KeyLines") -> Problem:
         return Problem(key, f"item {item}: {_message(err)}", lines.find(loc))
     kind = err["type"]
     if kind == "extra_forbidden":
+        import difflib
+
         parent, name = loc[:-1], loc[-1]
         choices = _fields_at(parent)
         close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)

@@ -1,0 +1,66 @@
+"""Live check of the estimator: a few real CPU training steps through the runtime's own loading and
+method setup, measured with runtime.memprobe, against the closed-form prediction (±10%).
+
+The full table is benchmarks/results/calibration-cpu.csv (benchmarks/calibrate.py --matrix full);
+this subset re-measures a few rows on every test run so a runtime change that moves memory is caught.
+"""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="needs the [train] extra (torch, transformers, peft, bitsandbytes)")
+pytest.importorskip("bitsandbytes", reason="needs the [train] extra")
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("calibrate", ROOT / "benchmarks" / "calibrate.py")
+calibrate = importlib.util.module_from_spec(spec)
+sys.modules["calibrate"] = calibrate
+spec.loader.exec_module(calibrate)
+
+RUNS = [
+    calibrate.Run("llama", "lora"),
+    calibrate.Run("llama", "qlora", gc=True),
+    calibrate.Run("qwen2", "dora", batch=1, seq=256),
+    calibrate.Run("gpt2", "full"),
+    calibrate.Run("gemma2", "qdora", gc=True),
+    calibrate.Run("llama", "lora", dropout=0.1),
+]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", RUNS, ids=[r.key() for r in RUNS])
+def test_measured_peak_within_10_percent(run, models_dir):
+    predicted = calibrate.predict(run)["predicted_peak"]
+    measured = calibrate.measure(run, models_dir)["measured_peak"]
+    error = (predicted - measured) / measured
+    assert abs(error) <= 0.10, f"{run.key()}: predicted {predicted:,} measured {measured:,} ({error:+.1%})"
+
+
+@pytest.mark.slow
+def test_committed_calibration_table_within_bounds():
+    import csv
+    import statistics
+
+    rows = list(csv.DictReader((ROOT / "benchmarks" / "results" / "calibration-cpu.csv").open()))
+    assert len(rows) >= 100
+    families = {r["family"] for r in rows}
+    assert {"llama", "qwen2", "gpt2"} <= families and families & {"gemma2", "phi", "phi3"}
+    errors = []
+    for r in rows:
+        run = calibrate.Run(r["family"], r["method"], batch=int(r["batch"]), seq=int(r["seq"]),
+                            gc=r["gradient_checkpointing"] == "True", dropout=float(r["lora_dropout"]),
+                            attention=r["attention"], padded=r["padded"] == "True", optimizer=r["optimizer"],
+                            rank=int(r["rank"]), dtype=r["dtype"])
+        measured = int(r["measured_peak"])
+        err = (calibrate.predict(run)["predicted_peak"] - measured) / measured  # the current estimator
+        assert abs(err) <= 0.10, f"{r['run']}: {err:+.1%}"
+        errors.append(abs(err))
+    assert statistics.median(errors) <= 0.04
