@@ -55,6 +55,26 @@ def cmd_estimate(args) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args) -> int:
+    from .planner.choose import NothingFits, plan_spec
+    from .planner.plan_report import plan_json, render_plan
+
+    spec = _load(args.spec)
+    try:
+        result = plan_spec(spec, base_dir=Path(args.spec).resolve().parent)
+        code = EXIT_OK
+    except NothingFits as exc:
+        result, code = exc.plan, EXIT_NOFIT
+        print(f"{args.spec}: {exc}", file=sys.stderr)
+        for line in result.suggestions:
+            print(f"  would fit: {line}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(plan_json(result), indent=2))
+    else:
+        render_plan(result, _console())
+    return code
+
+
 def cmd_schema(args) -> int:
     from .schemas import json_schema
 
@@ -127,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", action="store_true", help="show every term of each method's peak with its formula")
     s.set_defaults(func=cmd_estimate)
 
+    s = sub.add_parser("plan", help="choose a method and settings that fit, with reasons, time and cost")
+    s.add_argument("spec")
+    s.add_argument("--json", action="store_true", help="machine-readable output (CONTRACT.md)")
+    s.set_defaults(func=cmd_plan)
+
     s = sub.add_parser("validate", help="check a spec, report every problem at once")
     s.add_argument("spec")
     s.set_defaults(func=cmd_validate)
@@ -140,8 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
 
-    for name, helptext in (("plan", "choose a method and settings, with reasons"),
-                           ("generate", "compile the plan into a training project"),
+    for name, helptext in (("generate", "compile the plan into a training project"),
                            ("run", "execute a generated project"),
                            ("merge", "merge a trained adapter into a 16-bit base")):
         s = sub.add_parser(name, help=helptext + " (coming)")
