@@ -73,6 +73,9 @@ ASSUMED["torchtune-readme-llama32-3b-full-packed-ac-optinbwd"] = {
 ASSUMED["fms-mistral7b-qlora-bnb-bs4-1gpu"] = {
     "dropout": (0.0, "lora_dropout 0.0 in the scenario's CSV row (quote)"),
 }
+ASSUMED["fms-mistral7b-lora-r16-bs8-1gpu"] = {
+    "dropout": (0.0, "same standard-peft scenario as the batch-4 row, whose note gives dropout 0.0"),
+}
 for _id in ("peft-mc-llama32-3b-lora-r32-qv", "peft-mc-llama32-3b-dora-r32-qv"):
     ASSUMED[_id] = {"dropout": (0.0, "lora_dropout 0.0 in the experiment's adapter_config.json")}
 
@@ -86,6 +89,16 @@ STACKS = {
     "peft-readme-": ("HF transformers + peft (PEFT examples)", "hf"),
     "answerai-": ("Answer.AI fsdp_qlora (HF model + peft/bnb, custom loop)", "hf-custom"),
     "qwen1-": ("Qwen finetune.py (HF Trainer + peft; GPTQ for Q-LoRA)", "hf"),
+}
+
+
+# Row-specific facts from the notes that bear on the comparison.
+EXTRA_DIFFERENCES = {
+    "torchtune-tut-llama2-7b-qlora": [
+        "reserved was already 9.13 GB at model init (the note): a load-time peak the caching allocator keeps; "
+        "peftplan estimates the training step only"],
+    "torchtune-readme-2024-04-llama2-7b-lora-single": [
+        "same nominal config as the tutorial's 15.57 GB row, measured by another torchtune revision"],
 }
 
 
@@ -103,11 +116,13 @@ def _dropout(row: dict, assumed: dict) -> tuple[float, str | None]:
     m = re.search(r"(?:lora_)?dropout[\s=:]*([0-9]*\.[0-9]+|[01])\b", row.get("note", ""))
     if m:
         return float(m.group(1)), None  # stated in the note
-    return 0.05, "dropout not stated: 0.05 assumed (peftplan's default; torchtune/HF example configs of the time)"
+    return 0.05, "dropout not stated: 0.05 assumed (peftplan's default)"
 
 
 def _attention(row: dict) -> tuple[str, str | None]:
     note = row.get("note", "").lower()
+    if row["id"].startswith("fms-"):
+        return "flash_attention_2", "attention flash_attention_2 (fms defaults.yaml: use_flash_attn True)"
     if "flash-attn" in note or "flash attention" in note or "flash_attention" in note or "flash-attention" in note:
         return "flash_attention_2", "attention flash_attention_2 (note says flash attention)"
     return "sdpa", None
@@ -124,11 +139,13 @@ def _padded(row: dict) -> tuple[bool, str | None]:
 
 def _offload(row: dict) -> bool:
     note = row.get("note", "")
-    return bool(re.search(r"CPU ACTIVATION OFFLOAD|USES FSDP CPU OFFLOAD|enable_activation_offloading=True|"
-                          r"use_cpu_offload true", note, re.I))
+    # the notes flag offloaded runs in capitals or by the flag itself (a mere mention of other rows that
+    # offload does not count)
+    return bool(re.search(r"WITH CPU ACTIVATION OFFLOADING|USES FSDP CPU OFFLOAD|enable_activation_offloading=True|"
+                          r"use_cpu_offload [Tt]rue", note))
 
 
-def differences(row: dict, est_method: str, compared_with: str) -> list[str]:
+def differences(row: dict, compared_with: str) -> list[str]:
     """How the measured stack differs from peftplan's runtime, in ways that matter for memory."""
     note, rid, method = row.get("note", ""), row["id"], row["method"]
     out: list[str] = []
@@ -140,10 +157,11 @@ def differences(row: dict, est_method: str, compared_with: str) -> list[str]:
             out.append("pure bf16 LoRA weights/grads/AdamW states (peftplan: fp32 adapters, autocast)")
         if method == "qlora":
             out.append("torchao NF4 (only LoRA-targeted linears quantized)")
-        if re.search(r"chunked CE|CEWithChunkedOutputLoss|chunked cross", note, re.I) or (
-                "0031bfb" in row["source"] and adapter):
+        if re.search(r"chunked CE|CEWithChunkedOutputLoss|chunked cross", note, re.I):
             out.append("chunked cross-entropy (no full fp32 logits; peftplan counts 12 B x tokens x vocab)")
-        if re.search(r"\bcompile", note, re.I) and "no compile" not in note.lower():
+        elif "0031bfb" in row["source"]:
+            out.append("loss not stated (torchtune's llama3_1 configs use chunked cross-entropy)")
+        if re.search(r"\bcompile", note, re.I) and not re.search(r"no (torch\.)?compile", note, re.I):
             out.append("torch.compile (fused activations)")
         if re.search(r"optimizer_in_bwd(?! ?=? ?False)|fused into backward|step fused", note, re.I):
             out.append("optimizer step fused into backward (no full gradient buffer)")
@@ -158,7 +176,7 @@ def differences(row: dict, est_method: str, compared_with: str) -> list[str]:
                 out.append("bnb NF4 without double quantization (+~4 bits/64 weights of fp32 absmax)")
         if "validation" in note or "generation" in note:
             out.append("peak includes validation/generation (KV cache)")
-        if "seq_len" in row and re.search(r"padded to (the )?longest|mostly shorter", note):
+        if rid.startswith("litgpt-hub-"):  # Alpaca2k truncated at 512, padded to the longest in the batch
             out.append("seq_len is a truncation cap: most batches are shorter")
     elif kind == "hf":
         if rid.startswith("fms-"):
@@ -175,6 +193,7 @@ def differences(row: dict, est_method: str, compared_with: str) -> list[str]:
         if rid.startswith("peft-mc-"):
             out.append("bf16 base without autocast")
             out.append("max over the whole run incl. eval generation (batch 50); seq_len 768 is a cap")
+    out += EXTRA_DIFFERENCES.get(rid, [])
     if compared_with == "device_total_bytes" and row["measured"] == "reserved":
         out.append("max_memory_reserved excludes the CUDA context (512 MiB in device_total_bytes)")
     if "paged" in row.get("optimizer", "") or "paged" in note.lower():
@@ -304,6 +323,7 @@ def compare(rows: list[dict]) -> list[dict]:
                 "est_device_total_bytes": est.device_total_bytes,
                 "est_paged_bytes": est.evictable_bytes,
                 "est_phase": est.phase,
+                **{f"est_{k}_bytes": v for k, v in est.components().items() if k in BREAKDOWN},
                 "estimate_in_unit": round(est_bytes / scale, 2),
                 "error": (est_bytes - published_bytes) / published_bytes,
                 "error_torch_reserved": ((reserved_like - published_bytes) / published_bytes
@@ -314,18 +334,21 @@ def compare(rows: list[dict]) -> list[dict]:
                 other = "GiB" if fields["unit_used"] == "GB" else "GB"
                 alt = row["value"] * UNITS[other]
                 notes.append(f"as {other}: error {(est_bytes - alt) / alt:+.1%}")
-            rec["differences"] = "; ".join(differences(row, row["method"], cw))
+            rec["differences"] = "; ".join(differences(row, cw))
         rec["assumptions"] = "; ".join(notes)
         out.append(rec)
     return out
 
 
+# components of the estimated peak kept in the CSV, so that a miss can be traced to a term
+BREAKDOWN = ("weights", "quant_constants", "adapter", "gradients", "optimizer", "activations", "logits", "transient")
+
 COLUMNS = ["id", "source", "stack", "model", "catalog_model", "method", "micro_batch_size", "seq_len",
            "gradient_checkpointing", "attention", "padded", "optimizer", "precision", "dtype", "rank", "alpha",
            "dropout", "target_modules", "gpu", "parallelism", "measured", "unit", "unit_used", "published_value",
            "published_bytes", "status", "reason", "compared_with", "est_peak_allocated_bytes",
-           "est_device_total_bytes", "est_paged_bytes", "est_phase", "estimate_in_unit", "error",
-           "error_torch_reserved", "close_stack", "assumptions", "differences"]
+           "est_device_total_bytes", "est_paged_bytes", "est_phase", *(f"est_{k}_bytes" for k in BREAKDOWN),
+           "estimate_in_unit", "error", "error_torch_reserved", "close_stack", "assumptions", "differences"]
 
 
 def write_csv(recs: list[dict], path: Path) -> None:
@@ -369,7 +392,8 @@ def _median_line(name: str, errs: list[float]) -> str:
 def markdown(recs: list[dict]) -> str:
     comp = [r for r in recs if r["status"] == "compared"]
     lines = [
-        "| source | id | model | method | settings | published | measured | our estimate | error | differences and assumptions |",
+        "| source | id | model | method | settings | published | measured | our estimate | error "
+        "| differences and assumptions |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in comp:

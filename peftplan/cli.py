@@ -131,9 +131,67 @@ def cmd_gpus(args) -> int:
     return EXIT_OK
 
 
-def cmd_not_yet(args) -> int:
-    print(f"peftplan {args.command}: not available in this version yet (see the README's roadmap)", file=sys.stderr)
-    return EXIT_ERROR
+def cmd_generate(args) -> int:
+    from .planner.choose import NothingFits, plan_spec
+    from .planner.project import GenerateError, generate
+
+    spec = _load(args.spec)
+    spec_path = Path(args.spec).resolve()
+    try:
+        result = plan_spec(spec, base_dir=spec_path.parent)
+    except NothingFits as exc:
+        print(f"{args.spec}: {exc}", file=sys.stderr)
+        for line in exc.plan.suggestions:
+            print(f"  would fit: {line}", file=sys.stderr)
+        return EXIT_NOFIT
+    out = Path(args.output)
+    try:
+        written = generate(result, spec, spec_path, out, force=args.force)
+    except GenerateError as exc:
+        print(f"peftplan generate: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    c = result.chosen
+    print(f"wrote {len(written)} files to {out}: {c.method} on {result.report.hardware.device.id}, "
+          f"micro-batch {c.micro_batch}, predicted {c.needed_bytes / 2**30:.1f} GiB per device")
+    print(f"next: peftplan run {out}   (or: cd {out} && ./run.sh)")
+    return EXIT_OK
+
+
+def _project(path: str) -> Path:
+    from .schemas import Problem, SpecError
+
+    d = Path(path)
+    if not (d / "plan.toml").is_file() or not (d / "train.py").is_file():
+        raise SpecError([Problem("", f"{d} is not a generated project (no plan.toml / train.py); "
+                                     "create one with: peftplan generate SPEC -o DIR")])
+    return d
+
+
+def cmd_run(args) -> int:
+    import subprocess
+    import tomllib
+
+    d = _project(args.dir)
+    extra = []
+    if args.max_steps is not None:
+        extra += ["--max-steps", str(args.max_steps)]
+    if args.resume:
+        extra.append("--resume")
+    launch = tomllib.loads((d / "plan.toml").read_text()).get("launch", {})
+    processes = int(launch.get("devices_per_node", 1)) * int(launch.get("nodes", 1))
+    if processes > 1:
+        cmd = ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "train.py", *extra]
+    else:
+        cmd = [sys.executable, "train.py", *extra]
+    return subprocess.call(cmd, cwd=d)
+
+
+def cmd_merge(args) -> int:
+    import subprocess
+
+    d = _project(args.dir)
+    cmd = [sys.executable, "merge.py"] + (["-o", str(Path(args.output).resolve())] if args.output else [])
+    return subprocess.call(cmd, cwd=d)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,12 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)
 
-    for name, helptext in (("generate", "compile the plan into a training project"),
-                           ("run", "execute a generated project"),
-                           ("merge", "merge a trained adapter into a 16-bit base")):
-        s = sub.add_parser(name, help=helptext + " (coming)")
-        s.add_argument("target", nargs="?")
-        s.set_defaults(func=cmd_not_yet)
+    s = sub.add_parser("generate", help="compile the plan into a standalone training project")
+    s.add_argument("spec")
+    s.add_argument("-o", "--output", required=True, help="project directory to create")
+    s.add_argument("--force", action="store_true", help="regenerate into an existing directory (keeps your files)")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("run", help="execute a generated project with its bundled runtime")
+    s.add_argument("dir")
+    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("merge", help="merge a trained adapter into a 16-bit copy of the base")
+    s.add_argument("dir")
+    s.add_argument("-o", "--output", default=None)
+    s.set_defaults(func=cmd_merge)
     return p
 
 

@@ -17,7 +17,7 @@ from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_e
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .report import EstimateReport, estimate_spec
-from .terms import AdapterSettings, Setup
+from .terms import AdapterSettings, Setup, duration, gib
 from .throughput import TimeEstimate, estimate_time
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -125,16 +125,11 @@ def _best(cands: list[Candidate], priority: str) -> Candidate:
     if fitting:
         # fastest; then 32-bit before 8-bit before paged (exact optimizer state), then less memory
         order = {o: i for i, o in enumerate(OPTIMIZERS)}
-        return min(fitting, key=lambda c: (round(c.seconds, 0), order.get(c.setup.optimizer, 9), c.needed_bytes))
+        return min(fitting, key=lambda c: (c.seconds, order.get(c.setup.optimizer, 9), c.needed_bytes))
     return min(cands, key=lambda c: c.needed_bytes)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _hours(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+_gib, _hours = gib, duration
 
 
 def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import assumptions as A
 from .choose import Candidate, PlanResult
 from .report import breakdown_bar, COLORS
-from .terms import COMPONENTS
+from .terms import COMPONENTS, duration, gib
 
 
 def _method_json(result: PlanResult, c: Candidate) -> dict:
@@ -63,12 +63,7 @@ def plan_json(result: PlanResult) -> dict:
     return out
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def _dur(s: float) -> str:
-    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+_gib, _dur = gib, duration
 
 
 def render_plan(result: PlanResult, console) -> None:

@@ -1,0 +1,278 @@
+"""`peftplan generate`: compile a plan into a standalone training project, atomically.
+
+Logic lives here; templates (templates/project/*.j2) stay dumb: StrictUndefined, and every value goes
+through an escaping filter for the language it lands in (TOML, shell, YAML, Markdown, comments).
+The project is built in a temporary folder next to the target and moved into place; an existing
+folder is refused without --force, and --force replaces only the files peftplan generates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__ as VERSION
+from ..schemas import Problem, Spec, SpecError
+from .choose import PlanResult
+from .resolve import ResolvedModel
+from .terms import duration
+
+TEMPLATES = {  # template -> file in the project
+    "README.md.j2": "README.md",
+    "plan.toml.j2": "plan.toml",
+    "train.py.j2": "train.py",
+    "merge.py.j2": "merge.py",
+    "evaluate.py.j2": "evaluate.py",
+    "run.sh.j2": "run.sh",
+    "accelerate_config.yaml.j2": "accelerate_config.yaml",
+    "requirements.txt.j2": "requirements.txt",
+    "gitignore.j2": ".gitignore",
+}
+EXECUTABLE = {"run.sh", "train.py", "merge.py", "evaluate.py"}
+RUNTIME_PACKAGE = "peftplan_runtime"
+RUNTIME_SKIP = {"testing.py"}
+
+
+class GenerateError(Exception):
+    """The project could not be written (permissions, disk full): nothing of it is left behind."""
+
+
+# --- escaping filters ------------------------------------------------------------------------------
+def f_toml(value) -> str:
+    import tomli_w
+
+    if value is None:
+        raise ValueError("TOML has no null: the template must not render None")
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def f_comment(value) -> str:
+    text = " ".join(str(value).split())  # newlines and control whitespace become single spaces
+    return "".join(ch for ch in text if ch.isprintable())
+
+
+def f_md(value) -> str:
+    text = f_comment(value)
+    for ch in "\\`*_{}[]<>()#+!|":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def f_mdcode(value) -> str:
+    return f_comment(value).replace("`", "'")
+
+
+def f_sh(value) -> str:
+    import shlex
+
+    return shlex.quote(f_comment(value))
+
+
+def f_yamlstr(value) -> str:
+    import json
+
+    return json.dumps(f_comment(value))
+
+
+def f_yamlbool(value) -> str:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected a bool, got {value!r}")
+    return "true" if value else "false"
+
+
+def f_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an int, got {value!r}")
+    return value
+
+
+def environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(_templates_dir()), undefined=StrictUndefined, autoescape=False,
+                      keep_trailing_newline=True)
+    env.filters.update(toml=f_toml, comment=f_comment, md=f_md, mdcode=f_mdcode, sh=f_sh, yamlstr=f_yamlstr,
+                       yamlbool=f_yamlbool, int=f_int)
+    return env
+
+
+def _templates_dir() -> str:
+    from importlib.resources import files
+
+    return str(files("peftplan.templates") / "project")
+
+
+# --- compile ---------------------------------------------------------------------------------------
+def model_location(model: ResolvedModel) -> str:
+    if model.source == "catalog":
+        return model.name  # a hub id: downloaded on the training machine (or read from its HF cache)
+    path = Path(model.location)
+    return str(path.parent.resolve() if path.name == "config.json" else path.resolve())
+
+
+_dur = duration
+
+
+def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) -> dict:
+    """Everything the templates need, decided here."""
+    c = result.chosen
+    rep = result.report
+    if not spec.data.path:
+        raise SpecError([Problem("data.path", "required for generate: the training data file (JSONL, JSON, CSV or Parquet)")])
+    data_path = Path(spec.data.path).expanduser()
+    if not data_path.is_absolute():
+        data_path = (spec_path.parent / data_path).resolve()
+    if not data_path.exists():
+        raise SpecError([Problem("data.path", f"{data_path} does not exist")])
+    hp = result.hyperparameters
+    g = c.setup.geometry
+    devices = rep.hardware.count * rep.hardware.nodes
+    epochs = float(hp["epochs"].value)
+    spe = result.steps_per_epoch or 1
+    total_steps = spec.training.max_steps or max(1, int(spe * epochs))
+    save_steps = spec.training.save_steps or max(5, min(200, total_steps // 5))
+    logging_steps = max(1, min(10, total_steps // 20))
+    method_keys = [k for k in ("rank", "alpha", "dropout", "target_modules") if k in hp]
+    method_values = {k: (list(hp[k].value) if isinstance(hp[k].value, (list, tuple)) else hp[k].value) for k in method_keys}
+    if "alpha" in method_values:
+        method_values["alpha"] = float(method_values["alpha"])
+    training_values = {
+        "micro_batch_size": g.micro_batch_size,
+        "gradient_accumulation_steps": c.accumulation,
+        "gradient_checkpointing": g.gradient_checkpointing,
+        "optimizer": c.setup.optimizer,
+        "learning_rate": float(hp["learning_rate"].value),
+        "lr_scheduler": str(hp["lr_scheduler"].value),
+        "warmup_ratio": float(hp["warmup_ratio"].value),
+        "epochs": epochs,
+        "max_steps": spec.training.max_steps or -1,
+        "seed": spec.training.seed,
+        "save_steps": save_steps,
+        "logging_steps": logging_steps,
+        "precision": rep.resolved.precision,
+    }
+    why = {k: (v.why if not v.user_set else "set in the spec") for k, v in hp.items()}
+    training_why = {
+        "micro_batch_size": "largest that fits with the fastest geometry" if not spec.training.micro_batch_size else "set in the spec",
+        "gradient_accumulation_steps": f"effective batch {hp['effective_batch_size'].value} sequences",
+        "gradient_checkpointing": "set in the spec" if spec.training.gradient_checkpointing is not None else
+        ("needed to fit" if g.gradient_checkpointing else "not needed: faster without recomputation"),
+        "optimizer": "set in the spec" if spec.training.optimizer else "32-bit AdamW unless memory needs 8-bit or paged",
+        "learning_rate": why.get("learning_rate", ""), "lr_scheduler": why.get("lr_scheduler", ""),
+        "warmup_ratio": why.get("warmup_ratio", ""), "epochs": why.get("epochs", ""),
+        "max_steps": "-1: run the epochs", "seed": "set before the adapter is created",
+        "save_steps": f"about 5 checkpoints over {total_steps} steps", "logging_steps": "metrics.jsonl cadence",
+        "precision": f"{rep.hardware.device.id}: {'bf16' if rep.hardware.device.bf16 else 'no bf16'}",
+    }
+    spec_bytes = spec_path.read_bytes()
+    distributed = devices > 1
+    launch = {
+        "count": rep.hardware.count, "nodes": rep.hardware.nodes, "devices": rep.hardware.count,
+        "processes": devices, "distributed": distributed,
+        "distributed_type": "MULTI_GPU" if distributed else "NO",
+        "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[rep.resolved.precision],
+        "use_cpu": rep.hardware.device.is_cpu,
+    }
+    prediction = {"device": rep.hardware.device.id, "devices": devices,
+                  "peak_allocated_bytes": c.estimate.peak_allocated_bytes,
+                  "device_total_bytes": c.estimate.device_total_bytes,
+                  "seconds": round(c.time.seconds, 1) if c.time else -1.0,
+                  "low_seconds": round(c.time.low_seconds, 1) if c.time else -1.0,
+                  "high_seconds": round(c.time.high_seconds, 1) if c.time else -1.0,
+                  "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else -1.0}
+    comps = [(k, f"{v / 2**30:.2f}") for k, v in c.estimate.components().items() if v]
+    memory_rows = [{"method": m, "chosen": m == c.method, "needs": f"{x.needed_bytes / 2**30:.1f}",
+                    "fits": "yes" if x.fits else "no", "peak": f"{x.estimate.peak_allocated_bytes / 2**30:.1f}",
+                    "trainable": f"{x.estimate.trainable_parameters:,}"} for m, x in result.best.items()]
+    launch_command = "accelerate launch --config_file accelerate_config.yaml train.py" if distributed else "python train.py"
+    return {
+        "banner": f"generated by peftplan {VERSION} — regenerate rather than edit",
+        "version": VERSION,
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "spec_path": str(spec_path.resolve()),
+        "spec_sha256": hashlib.sha256(spec_bytes).hexdigest(),
+        "out_name": str(out),
+        "model": {"name": model_location(rep.model), "attention": g.attention,
+                  "trust_remote_code": spec.model.trust_remote_code,
+                  "why": f"{rep.model.name} ({rep.model.shape.parameters / 1e9:.2f}B parameters, from {rep.model.source})"},
+        "method": {"name": c.method, "why": result.reasons[0] if result.reasons else "", "order": method_keys,
+                   "settings": method_values, "rationale": why},
+        "data": {"path": str(data_path), "format": spec.data.format, "seq_len": g.seq_len,
+                 "packing": bool(spec.data.packing), "eval_fraction": float(spec.data.eval_fraction or 0.0)},
+        "training": {"order": list(training_values), "settings": training_values, "rationale": training_why},
+        "prediction": prediction, "launch": launch, "launch_command": launch_command,
+        "device": {"name": rep.hardware.device.name, "memory_gib": f"{rep.hardware.device.memory_bytes / 2**30:.0f}"},
+        "precision": rep.resolved.precision, "reasons": result.reasons, "rejected": result.rejected,
+        "effective_batch": g.micro_batch_size * c.accumulation * devices, "steps_per_epoch": spe,
+        "time": {"mid": _dur(c.time.seconds), "low": _dur(c.time.low_seconds), "high": _dur(c.time.high_seconds)}
+        if c.time else {"mid": "?", "low": "?", "high": "?"},
+        "cost": f"~${c.cost_usd:,.2f}" if c.cost_usd is not None else "unknown (no price for this device)",
+        "usable_gib": f"{rep.usable_bytes / 2**30:.1f}", "memory_rows": memory_rows, "components": comps,
+        "peak_phase": c.estimate.phase, "predicted_peak_gib": f"{c.estimate.peak_allocated_bytes / 2**30:.2f}",
+        "assumptions": "; ".join(c.time.assumptions) if c.time else "no throughput known for this device",
+    }
+
+
+def render_files(context: dict) -> dict[str, str]:
+    env = environment()
+    return {name: env.get_template(tpl).render(**context) for tpl, name in TEMPLATES.items()}
+
+
+def runtime_files() -> dict[str, str]:
+    """The runtime package, copied in and version-stamped."""
+    from importlib.resources import files
+
+    out = {}
+    pkg = files("peftplan.runtime")
+    for entry in sorted(pkg.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".py") and entry.name not in RUNTIME_SKIP:
+            text = entry.read_text(encoding="utf-8")
+            out[f"{RUNTIME_PACKAGE}/{entry.name}"] = f"# copied from peftplan {VERSION} (peftplan.runtime)\n{text}"
+    out[f"{RUNTIME_PACKAGE}/_version.py"] = f'__version__ = "{VERSION}"\n'
+    return out
+
+
+def write_project(files: dict[str, str], out: Path, force: bool) -> list[str]:
+    """Write atomically: build in a temporary folder beside `out`, then move into place."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SpecError([Problem("", f"{out} exists and is not a directory")])
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SpecError([Problem("", f"{out} already exists; use --force to regenerate (your own files there are kept)")])
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-", dir=parent))
+    except OSError as exc:
+        raise GenerateError(f"cannot write to {parent}: {exc.strerror}") from None
+    try:
+        for rel, text in files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            if Path(rel).name in EXECUTABLE:
+                path.chmod(0o755)
+        if not out.exists():
+            os.rename(tmp, out)
+        else:  # --force: replace our files one by one; anything else in `out` is left alone
+            if not os.access(out, os.W_OK):
+                raise OSError(13, "permission denied", str(out))
+            for rel in files:
+                dest = out / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / rel, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GenerateError(f"could not write the project to {out}: {exc.strerror or exc}; nothing was changed") from None
+    return sorted(files)
+
+
+def generate(result: PlanResult, spec: Spec, spec_path: Path, out: Path, force: bool = False) -> list[str]:
+    context = compile_project(result, spec, spec_path, out)
+    files = {**render_files(context), **runtime_files()}
+    return write_project(files, out, force)

@@ -1,0 +1,128 @@
+"""The frozen plan file (`plan.toml`) as the runtime reads it, validated here with what the runtime owns.
+
+The runtime is copied into every generated project and never imports peftplan's planner or schemas,
+so this module checks the file itself: required tables and keys, types, allowed values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("full", "lora", "qlora", "dora", "qdora")
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """The plan file is missing, malformed or inconsistent. The message names the file and key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    path: Path
+    model: dict
+    method: dict
+    data: dict
+    training: dict
+    output_dir: Path
+    prediction: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    launch: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> str:
+        return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[self.training["precision"]]
+
+
+def _need(table: dict, name: str, key: str, kind, path: Path, choices=None, default=...):
+    if key not in table:
+        if default is ...:
+            raise ConfigError(f"{path}: [{name}] lacks the key {key!r}")
+        return default
+    value = table[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{path}: {name}.{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{path}: {name}.{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{path}: {name}.{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"plan file not found: {p}")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    for table in ("model", "method", "data", "training"):
+        if not isinstance(raw.get(table), dict):
+            raise ConfigError(f"{p}: missing table [{table}]")
+    m, me, d, t = raw["model"], raw["method"], raw["data"], raw["training"]
+    model = {
+        "name": _need(m, "model", "name", str, p),
+        "attention": _need(m, "model", "attention", str, p, ("sdpa", "eager", "flash_attention_2"), "sdpa"),
+        "trust_remote_code": _need(m, "model", "trust_remote_code", bool, p, default=False),
+    }
+    method = {"name": _need(me, "method", "name", str, p, METHODS)}
+    if method["name"] != "full":
+        method.update(
+            rank=_need(me, "method", "rank", int, p),
+            alpha=float(_need(me, "method", "alpha", (int, float), p)),
+            dropout=float(_need(me, "method", "dropout", (int, float), p)),
+            target_modules=_need(me, "method", "target_modules", (str, list), p),
+        )
+        if method["rank"] < 1:
+            raise ConfigError(f"{p}: method.rank must be ≥ 1")
+    data = {
+        "path": _need(d, "data", "path", str, p),
+        "format": _need(d, "data", "format", str, p, ("auto", "chat", "instruction", "completion", "text"), "auto"),
+        "seq_len": _need(d, "data", "seq_len", int, p),
+        "packing": _need(d, "data", "packing", bool, p, default=False),
+        "eval_fraction": float(_need(d, "data", "eval_fraction", (int, float), p, default=0.0)),
+    }
+    training = {
+        "micro_batch_size": _need(t, "training", "micro_batch_size", int, p),
+        "gradient_accumulation_steps": _need(t, "training", "gradient_accumulation_steps", int, p),
+        "gradient_checkpointing": _need(t, "training", "gradient_checkpointing", bool, p),
+        "optimizer": _need(t, "training", "optimizer", str, p, OPTIMIZERS),
+        "learning_rate": float(_need(t, "training", "learning_rate", (int, float), p)),
+        "lr_scheduler": _need(t, "training", "lr_scheduler", str, p,
+                              ("cosine", "linear", "constant", "constant_with_warmup"), "cosine"),
+        "warmup_ratio": float(_need(t, "training", "warmup_ratio", (int, float), p, default=0.0)),
+        "epochs": float(_need(t, "training", "epochs", (int, float), p)),
+        "max_steps": _need(t, "training", "max_steps", int, p, default=-1),
+        "seed": _need(t, "training", "seed", int, p, default=42),
+        "save_steps": _need(t, "training", "save_steps", int, p, default=100),
+        "logging_steps": _need(t, "training", "logging_steps", int, p, default=10),
+        "precision": _need(t, "training", "precision", str, p, PRECISIONS),
+    }
+    out = raw.get("output", {}) if isinstance(raw.get("output"), dict) else {}
+    output_dir = Path(_need(out, "output", "dir", str, p, default="outputs"))
+    if not output_dir.is_absolute():
+        output_dir = p.parent / output_dir
+    return RunConfig(path=p, model=model, method=method, data=data, training=training, output_dir=output_dir,
+                     prediction=dict(raw.get("prediction", {})), provenance=dict(raw.get("provenance", {})),
+                     launch=dict(raw.get("launch", {})))
+
+
+def resolve_path(config: RunConfig, value: str) -> str:
+    """A relative path in the plan is relative to the plan file's folder; hub ids stay as they are."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    local = config.path.parent / candidate
+    if local.exists():
+        return str(local)
+    return value
+
+
+def as_dict(config: RunConfig) -> dict[str, Any]:
+    return {"model": config.model, "method": config.method, "data": config.data, "training": config.training,
+            "output_dir": str(config.output_dir)}

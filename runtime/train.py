@@ -1,0 +1,190 @@
+"""Train a planned project: `python train.py [--max-steps N] [--resume]` (the generated entry script).
+
+Order matters and is deliberate: the plan and the data are checked before the model loads (a bad
+record fails in seconds, not after a 10-minute download); the seed is set before the adapter is
+created; the adapter is saved with the tokenizer and its chat template.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config, resolve_path
+
+EXIT_INPUT, EXIT_NAN = 2, 4
+
+
+def parse_args(argv=None, default_config: Path | None = None):
+    ap = argparse.ArgumentParser(description="Train the planned fine-tuning run.")
+    ap.add_argument("--config", default=str(default_config) if default_config else "plan.toml",
+                    help="the frozen plan file (default: plan.toml next to this script)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (a smoke test)")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    ap.add_argument("--data", default=None, help="override data.path (e.g. on the rented machine)")
+    ap.add_argument("--output-dir", default=None, help="override output.dir")
+    return ap.parse_args(argv)
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json present and readable); corrupt ones are skipped."""
+    import json
+
+    ckpts = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in ckpts:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            print(f"warning: {ckpt} is incomplete or corrupt (trainer_state.json unreadable); trying an older one",
+                  file=sys.stderr)
+            continue
+        if not any(ckpt.glob("*.safetensors")):
+            print(f"warning: {ckpt} has no weights; trying an older one", file=sys.stderr)
+            continue
+        return ckpt
+    return None
+
+
+def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    from .callbacks import MetricsFile, PeakMemory, RichProgress
+    from .data import DataCollator, prepare_data
+    from .model import MethodSetup, load_model
+    from .optim import TRAINER_OPTIM
+
+    t, m = config.training, config.method
+    model_path = resolve_path(config, config.model["name"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model["trust_remote_code"])
+    data = prepare_data(data_path, tokenizer, format=config.data["format"], seq_len=config.data["seq_len"],
+                        eval_fraction=config.data["eval_fraction"], seed=t["seed"], packing=config.data["packing"])
+
+    set_seed(t["seed"])  # before the adapter is created: same init, same run
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    setup = MethodSetup(method=m["name"], dtype=config.dtype, attention=config.model["attention"],
+                        gradient_checkpointing=t["gradient_checkpointing"], rank=m.get("rank", 16),
+                        alpha=m.get("alpha", 32.0), dropout=m.get("dropout", 0.0),
+                        target_modules=m.get("target_modules", "all-linear"),
+                        trust_remote_code=config.model["trust_remote_code"])
+    device_map = {"": local_rank} if (cuda and m["name"] in ("qlora", "qdora")) else None
+    model = load_model(model_path, setup, device_map=device_map)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens_per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"] * config.data["seq_len"] * world
+    out = config.output_dir
+    metrics = MetricsFile(out / "metrics.jsonl", tokens_per_step, config.prediction)
+    precision = t["precision"]
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=t["micro_batch_size"],
+        per_device_eval_batch_size=t["micro_batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        learning_rate=t["learning_rate"],
+        lr_scheduler_type=t["lr_scheduler"],
+        warmup_steps=t["warmup_ratio"],  # a float < 1 is a ratio of the total steps
+        num_train_epochs=t["epochs"],
+        max_steps=max_steps if max_steps is not None else t["max_steps"],
+        optim=TRAINER_OPTIM[t["optimizer"]],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        logging_steps=t["logging_steps"],
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t["save_steps"],
+        save_total_limit=3,
+        eval_strategy="steps" if data.eval else "no",
+        eval_steps=t["save_steps"] if data.eval else None,
+        seed=t["seed"],
+        data_seed=t["seed"],
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world > 1 else None,
+    )
+    callbacks = [metrics, PeakMemory(metrics), RichProgress(tokens_per_step)]
+    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
+                               data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
+                               callbacks=callbacks)
+    return trainer, tokenizer, data, metrics
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class PlanTrainer(Trainer):
+        """Stops at the first non-finite loss without saving it, so the last checkpoint stays good."""
+
+        nan_step: int | None = None
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            if not bool(torch.isfinite(loss.detach()).all()):
+                self.nan_step = self.state.global_step + 1
+                self.control.should_training_stop = True
+                self.control.should_save = False
+            return loss
+
+        def _save_checkpoint(self, *args, **kwargs):
+            if self.nan_step is not None:
+                return None
+            return super()._save_checkpoint(*args, **kwargs)
+
+    return PlanTrainer
+
+
+def main(argv=None, default_config: Path | None = None) -> int:
+    args = parse_args(argv, default_config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.output_dir:
+        config = RunConfig(**{**config.__dict__, "output_dir": Path(args.output_dir).resolve()})
+    from .data_formats import DataError
+
+    data_path = args.data or resolve_path(config, config.data["path"])
+    try:
+        trainer, tokenizer, data, metrics = build_trainer(config, data_path, args.max_steps)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as exc:
+        print(f"error: cannot load {config.model['name']}: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    resume = None
+    if args.resume:
+        resume = last_checkpoint(config.output_dir)
+        if resume is None:
+            print(f"error: --resume: no usable checkpoint in {config.output_dir}", file=sys.stderr)
+            return EXIT_INPUT
+        print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if trainer.nan_step is not None:
+        good = last_checkpoint(config.output_dir)
+        print(f"error: the loss became NaN/inf at step {trainer.nan_step}; training stopped. The last good "
+              f"checkpoint is {good or 'none'}; lower training.learning_rate or check the data, then --resume.",
+              file=sys.stderr)
+        return EXIT_NAN
+    if trainer.is_world_process_zero():
+        final = config.output_dir / "final"
+        trainer.save_model(str(final))  # the adapter (or the full model), safetensors
+        tokenizer.save_pretrained(str(final))  # with its chat template
+        from .plot import plot_loss
+
+        plot_loss(metrics.path, config.output_dir / "loss.png")
+        print(f"saved {final} and {config.output_dir / 'loss.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
