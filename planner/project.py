@@ -231,7 +231,7 @@ def runtime_files() -> dict[str, str]:
     for entry in sorted(pkg.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".py") and entry.name not in RUNTIME_SKIP:
             text = entry.read_text(encoding="utf-8")
-            out[f"{RUNTIME_PACKAGE}/{entry.name}"] = f"# copied from peftplan {VERSION} (peftplan.runtime)\n{text}"
+            out[f"{RUNTIME_PACKAGE}/{entry.name}"] = f"# peftplan {VERSION} runtime, copied into this project\n{text}"
     out[f"{RUNTIME_PACKAGE}/_version.py"] = f'__version__ = "{VERSION}"\n'
     return out
 

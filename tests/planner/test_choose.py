@@ -31,6 +31,7 @@ EXPECTED = {
     "qlora-paper-65b-on-48gb.toml": ("qlora", "bf16"),    # the QLoRA paper's headline
     "qwen-7b-long-context-32k.toml": ("dora", "bf16"),    # 2,000 examples, 141 GB H200
     "vicuna-7b-qdora-24gb.toml": ("qdora", "bf16"),       # method.name set
+    "quickstart/spec.toml": ("lora", "fp32"),             # the offline CPU quickstart (method.name set)
 }
 
 
@@ -49,11 +50,18 @@ def test_every_example_has_an_expectation():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_example_plan(name):
+def test_example_plan(name, tmp_path):
     method, precision = EXPECTED[name]
     path = EXAMPLES / name
     if not path.exists():
         pytest.fail(f"{name} is expected but missing")
+    if name.startswith("quickstart/"):  # its model and data are built by examples/quickstart/build.py
+        pytest.importorskip("torch", reason="building the quickstart model needs the [train] extra")
+        import runpy
+
+        runpy.run_path(str(EXAMPLES / "quickstart" / "build.py"))["main"](tmp_path)
+        (tmp_path / "spec.toml").write_text(path.read_text())
+        path = tmp_path / "spec.toml"
     spec = load_spec(path)
     if method is None:
         with pytest.raises(NothingFits) as exc:
