@@ -69,7 +69,8 @@ class Run:
         return {**FAMILIES[self.family], **self.scale}
 
     def key(self) -> str:
-        return (f"{self.family}-{self.method}-b{self.batch}s{self.seq}-gc{int(self.gc)}-do{self.dropout}"
+        size = "-m" if self.scale else ""
+        return (f"{self.family}{size}-{self.method}-b{self.batch}s{self.seq}-gc{int(self.gc)}-do{self.dropout}"
                 f"-{self.attention}{'-pad' if self.padded else ''}-{self.optimizer}")
 
 
@@ -187,9 +188,37 @@ def versions() -> dict:
 METHODS = ("full", "lora", "qlora", "dora", "qdora")
 
 
+# Tens of millions of parameters: weights, adapters, activations and logits are each clearly visible.
+MEDIUM = {
+    "llama": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=8000),
+    "qwen2": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=8000),
+    "gemma2": dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=128, vocab_size=8000, query_pre_attn_scalar=128),
+    "phi3": dict(hidden_size=512, intermediate_size=1280, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=8000),
+    "gpt2": dict(n_embd=512, n_layer=8, n_head=8, vocab_size=8000),
+    "phi": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8, vocab_size=8000),
+}
+
+
 def matrix(name: str) -> list[Run]:
     if name == "quick":
         return [Run("llama", m) for m in ("lora", "qlora", "dora")]
+    if name == "medium":
+        runs = []
+        for fam, scale in MEDIUM.items():
+            for m in METHODS:
+                for gc in (False, True):
+                    for b, s in ((2, 256), (1, 512)):
+                        runs.append(Run(fam, m, batch=b, seq=s, gc=gc, rank=16, scale=scale))
+        runs += [Run("llama", "lora", batch=1, seq=256, attention="eager", rank=16, scale=MEDIUM["llama"]),
+                 Run("llama", "lora", batch=2, seq=256, dropout=0.1, rank=16, scale=MEDIUM["llama"]),
+                 Run("llama", "qlora", batch=2, seq=256, dropout=0.1, gc=True, rank=16, scale=MEDIUM["llama"]),
+                 Run("qwen2", "lora", batch=2, seq=256, padded=True, rank=16, scale=MEDIUM["qwen2"]),
+                 Run("llama", "full", batch=2, seq=256, optimizer="adamw_8bit", gc=True, rank=16, scale=MEDIUM["llama"])]
+        return runs
     runs: list[Run] = []
     for fam in FAMILIES:
         for m in METHODS:
@@ -205,7 +234,7 @@ def matrix(name: str) -> list[Run]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--matrix", default="quick", choices=("quick", "full"))
+    ap.add_argument("--matrix", default="quick", choices=("quick", "full", "medium"))
     ap.add_argument("--family", action="append", help="only these families")
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration.csv")

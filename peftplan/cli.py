@@ -48,6 +48,8 @@ def cmd_estimate(args) -> int:
 
     spec = _load(args.spec)
     report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
+    if args.exact:
+        report = _exact(report, quiet=args.json)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -73,6 +75,41 @@ def cmd_plan(args) -> int:
     else:
         render_plan(result, _console())
     return code
+
+
+def _exact(report, quiet: bool):
+    """Replace the closed-form estimates by traced ones (runtime.exact, needs the [train] extra)."""
+    from dataclasses import replace
+
+    try:
+        from .runtime.exact import trace
+    except ImportError as exc:
+        raise RuntimeError(f"--exact needs the training stack: pip install -e '.[train]' ({exc})") from None
+    from .planner.exact import exact_estimate
+    from .planner.memory import estimate
+
+    s = report.resolved.setup
+    s = replace(s, geometry=replace(s.geometry, padded=False))  # the trace runs an unpadded batch
+    out = {}
+    for method in report.estimates:
+        if not quiet:
+            print(f"tracing {method} on fake tensors …", file=sys.stderr, flush=True)
+        traced = trace(report.model.config, method=method, dtype=s.dtype, attention=s.geometry.attention,
+                       gradient_checkpointing=s.geometry.gradient_checkpointing, rank=s.adapter.rank,
+                       alpha=s.adapter.alpha, dropout=s.adapter.dropout,
+                       target_modules=(list(s.adapter.target_modules) if isinstance(s.adapter.target_modules, tuple)
+                                       else s.adapter.target_modules),
+                       batch=s.geometry.micro_batch_size, seq=s.geometry.seq_len)
+        est = exact_estimate(method, s, traced)
+        closed = estimate(method, s)
+        out[method] = est
+        note = (f"exact {method}: traced in {traced['seconds']:.1f} s; closed form "
+                f"{closed.peak_allocated_bytes / 2**30:.2f} GiB vs traced {est.peak_allocated_bytes / 2**30:.2f} GiB "
+                f"({(closed.peak_allocated_bytes - est.peak_allocated_bytes) / est.peak_allocated_bytes:+.1%})")
+        report = replace(report, resolved=replace(report.resolved, notes=report.resolved.notes + (note,)))
+    extra = ("exact mode: one forward+backward traced on fake tensors with PyTorch's CPU kernels (unpadded batch);"
+             " bitsandbytes 4-bit storage and optimizer state added analytically",)
+    return replace(report, estimates=out, resolved=replace(report.resolved, notes=report.resolved.notes + extra))
 
 
 def cmd_schema(args) -> int:
@@ -203,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec")
     s.add_argument("--json", action="store_true", help="machine-readable output (CONTRACT.md)")
     s.add_argument("--explain", action="store_true", help="show every term of each method's peak with its formula")
+    s.add_argument("--exact", action="store_true",
+                   help="trace one training step on fake tensors instead of the closed form (needs the [train] extra)")
     s.set_defaults(func=cmd_estimate)
 
     s = sub.add_parser("plan", help="choose a method and settings that fit, with reasons, time and cost")
