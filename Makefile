@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - create .venv, install peftplan, estimate memory for a bundled example
-#   make test   - create .venv, install peftplan with the training stack, run the tests
+#   make demo   - create .venv with the training stack, plan a bundled example, then build, generate and
+#                 train the offline quickstart on the CPU (about a minute)
+#   make test   - the same environment, then the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -19,14 +20,19 @@ $(VENV)/.train: $(VENV)/.base constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[train,dev]"
 	touch $@
 
-demo: $(VENV)/.base
-	$(VENV)/bin/peftplan estimate examples/llama3-8b-lora-a100.toml
+demo: $(VENV)/.train
+	$(VENV)/bin/peftplan plan examples/dora-little-data.toml
+	$(PY) examples/quickstart/build.py
+	$(VENV)/bin/peftplan plan examples/quickstart/spec.toml
+	rm -rf out/quickstart
+	$(VENV)/bin/peftplan generate examples/quickstart/spec.toml -o out/quickstart
+	HF_HUB_OFFLINE=1 $(VENV)/bin/peftplan run out/quickstart
 
 test: $(VENV)/.train
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
-bench: $(VENV)/.base
-	$(PY) benchmarks/cold_start.py
+bench: $(VENV)/.train
+	bash benchmarks/run_all.sh
 
 schema: $(VENV)/.base
 	$(VENV)/bin/peftplan schema > schemas/spec.schema.json

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainingArguments, set_seed)
+                              Trainer, TrainerCallback, TrainingArguments, set_seed)
 
     from peftplan.runtime.data import prepare_data  # identical token ids and labels; see the module docstring
 
@@ -107,6 +107,12 @@ def main(argv=None) -> int:
 
     counts = {"tokens": 0, "trained_tokens": 0, "padded_tokens": 0, "micro_batches": 0}
 
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):  # per-step wall times, to compare steady-state steps with peftplan's
+        def on_step_end(self, *a, **kw):
+            step_ends.append(time.perf_counter())
+
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, *a, **kw):
             ids = inputs["input_ids"]
@@ -138,10 +144,11 @@ def main(argv=None) -> int:
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
     trainer = CountingTrainer(model=model, args=targs, train_dataset=train, data_collator=collator,
-                              processing_class=tokenizer)
+                              processing_class=tokenizer, callbacks=[StepClock()])
     setup_s = time.perf_counter() - t_setup
 
     t0 = time.perf_counter()
+    step_ends.append(t0)
     out = trainer.train()
     wall = time.perf_counter() - t0
     runtime = float(out.metrics["train_runtime"])  # the Trainer's loop time; what peftplan's metrics.jsonl logs
@@ -162,6 +169,7 @@ def main(argv=None) -> int:
         "trained_tokens_per_second": counts["trained_tokens"] / runtime,
         "padded_tokens_per_second": counts["padded_tokens"] / runtime,
         "losses": losses,
+        "step_seconds": [round(b - a, 4) for a, b in zip(step_ends, step_ends[1:])],
         "torch_threads": torch.get_num_threads(),
     }
     text = json.dumps(result, indent=2)

@@ -217,7 +217,8 @@ def cmd_run(args) -> int:
     launch = tomllib.loads((d / "plan.toml").read_text()).get("launch", {})
     processes = int(launch.get("devices_per_node", 1)) * int(launch.get("nodes", 1))
     if processes > 1:
-        cmd = ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "train.py", *extra]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+               "train.py", *extra]
     else:
         cmd = [sys.executable, "train.py", *extra]
     return subprocess.call(cmd, cwd=d)

@@ -18,6 +18,7 @@ from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .report import EstimateReport, estimate_spec
 from .terms import AdapterSettings, Setup, duration, gib
+from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, shard, topology
 from .throughput import TimeEstimate, estimate_time
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -42,6 +43,8 @@ class Candidate:
     accumulation: int
     time: TimeEstimate | None
     cost_usd: float | None
+    parallelism: str = "single"
+    devices: int = 1  # devices this candidate uses
 
     @property
     def micro_batch(self) -> int:
@@ -57,8 +60,9 @@ class Candidate:
 
     def describe(self) -> str:
         g = self.setup.geometry
+        where = f", {self.parallelism} over {self.devices} devices" if self.devices > 1 else ""
         return (f"{self.method}: micro-batch {g.micro_batch_size} × {g.seq_len}, gradient checkpointing "
-                f"{'on' if g.gradient_checkpointing else 'off'}, {self.setup.optimizer}")
+                f"{'on' if g.gradient_checkpointing else 'off'}, {self.setup.optimizer}{where}")
 
 
 @dataclass
@@ -92,29 +96,48 @@ def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str
     mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
     gcs = [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
     opts = [t.optimizer] if t.optimizer else list(OPTIMIZERS)
+    if devices == 1:
+        pars = ["single"]
+    elif t.parallelism != "auto":
+        pars = [t.parallelism]
+    elif dev.is_cpu:  # accelerate enables FSDP / DeepSpeed only on accelerator backends
+        pars = ["single", "ddp"]
+    else:
+        pars = list(PARALLELISMS)
+    topo = topology(dev, report.hardware.count, report.hardware.nodes, spec.hardware.network_gbps)
     epochs = float(hyper["epochs"].value)
+    quantized = method in ("qlora", "qdora")
     out = []
     for mb in mbs:
-        accumulation = t.gradient_accumulation_steps or accumulation_for(effective, mb, devices)
         for gc in gcs:
             for opt in opts:
-                geometry = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc,
-                                   gradient_accumulation_steps=accumulation)
-                s = replace(base, geometry=geometry, optimizer=opt, adapter=adapter)
-                est = estimate(method, s)
-                fits = est.device_total_bytes - est.evictable_bytes <= report.usable_bytes
-                tm = None
-                if spec.data.num_examples:
-                    tm = estimate_time(method, s, dev, report.resolved.precision, num_examples=spec.data.num_examples,
-                                       avg_tokens=spec.data.avg_tokens, epochs=epochs, packing=bool(spec.data.packing),
-                                       micro_batch=mb, devices=devices)
-                    if tm is not None:
-                        f = _utilization_factor(mb * geometry.seq_len)
-                        tm = replace(tm, seconds=tm.seconds / f, low_seconds=tm.low_seconds / f,
-                                     high_seconds=tm.high_seconds / f)
-                price = dev.price_usd_per_hour
-                cost = (tm.seconds / 3600 * price * devices) if (tm and price is not None) else None
-                out.append(Candidate(method, s, est, fits, accumulation, tm, cost))
+                for par in pars:
+                    used = 1 if par == "single" else devices
+                    accumulation = t.gradient_accumulation_steps or accumulation_for(effective, mb, used)
+                    geometry = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc,
+                                       gradient_accumulation_steps=accumulation)
+                    s = replace(base, geometry=geometry, optimizer=opt, adapter=adapter)
+                    est = shard(estimate(method, s), s, par, used, quantized)
+                    fits = est.device_total_bytes - est.evictable_bytes <= report.usable_bytes
+                    tm = None
+                    if spec.data.num_examples:
+                        tm = estimate_time(method, s, dev, report.resolved.precision,
+                                           num_examples=spec.data.num_examples, avg_tokens=spec.data.avg_tokens,
+                                           epochs=epochs, packing=bool(spec.data.packing), micro_batch=mb, devices=used)
+                        if tm is not None:
+                            f = _utilization_factor(mb * geometry.seq_len)
+                            steps = tm.tokens / (geometry.seq_len * mb * accumulation * used)
+                            comm = steps * comm_seconds_per_step(estimate(method, s), s, par, topo, quantized) \
+                                * (1 - COMM_OVERLAP)
+                            notes = tm.assumptions
+                            if comm:
+                                notes += (f"{par}: ~{duration(comm)} of communication not hidden by compute over "
+                                          f"{topo.ring_gbps:g} GB/s links ({COMM_OVERLAP:.0%} overlap assumed)",)
+                            tm = replace(tm, seconds=tm.seconds / f + comm, low_seconds=tm.low_seconds / f + comm,
+                                         high_seconds=tm.high_seconds / f + comm, assumptions=notes)
+                    price = dev.price_usd_per_hour
+                    cost = (tm.seconds / 3600 * price * used) if (tm and price is not None) else None
+                    out.append(Candidate(method, s, est, fits, accumulation, tm, cost, par, used))
     return out
 
 
@@ -125,7 +148,9 @@ def _best(cands: list[Candidate], priority: str) -> Candidate:
     if fitting:
         # fastest; then 32-bit before 8-bit before paged (exact optimizer state), then less memory
         order = {o: i for i, o in enumerate(OPTIMIZERS)}
-        return min(fitting, key=lambda c: (c.seconds, order.get(c.setup.optimizer, 9), c.needed_bytes))
+        simpler = {p: i for i, p in enumerate(PARALLELISMS)}  # PyTorch-native before DeepSpeed, less sharding first
+        return min(fitting, key=lambda c: (round(c.seconds, 3), order.get(c.setup.optimizer, 9), c.devices,
+                                           simpler[c.parallelism], c.needed_bytes))
     return min(cands, key=lambda c: c.needed_bytes)
 
 
@@ -138,7 +163,8 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
     methods = [spec.method.name] if spec.method.name != "auto" else list(METHODS)
     hypers = {m: choose_hyperparameters(m, n_params, spec.data.num_examples, spec.method, spec.training,
                                         spec.objective.priority) for m in methods}
-    best = {m: _best(_candidates(spec, report, m, hypers[m]), spec.objective.priority) for m in methods}
+    all_cands = {m: _candidates(spec, report, m, hypers[m]) for m in methods}
+    best = {m: _best(all_cands[m], spec.objective.priority) for m in methods}
     result = PlanResult(report=report, best=best, chosen=None)
     o = spec.objective
 
@@ -168,6 +194,8 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
         raise NothingFits(head, result)
 
     chosen, reasons = _choose(spec, viable, best, report.usable_bytes)
+    if chosen.devices > 1:
+        reasons.append(_parallel_reason(chosen, all_cands))
     result.chosen = chosen
     result.hyperparameters = hypers[chosen.method]
     result.reasons = reasons
@@ -176,8 +204,8 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
             result.rejected.append({"method": m, "why": _why_not(c, chosen, spec)})
     order = {m: i for i, m in enumerate(METHODS)}
     result.rejected.sort(key=lambda r: order[r["method"]])
-    devices = report.hardware.count * report.hardware.nodes
-    result.steps_per_epoch = steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation, devices)
+    result.steps_per_epoch = steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
+                                             chosen.devices)
     return result
 
 
@@ -222,6 +250,19 @@ def _choose(spec: Spec, viable: dict[str, Candidate], best: dict[str, Candidate]
     return c, reasons + [f"{c.method}: the fastest remaining option"]
 
 
+def _parallel_reason(chosen: Candidate, all_cands: dict[str, list[Candidate]]) -> str:
+    text = (f"{chosen.method} with {chosen.parallelism} over {chosen.devices} devices fits at "
+            f"{_gib(chosen.needed_bytes)} per device")
+    one = [c for cs in all_cands.values() for c in cs if c.fits and c.devices == 1]
+    if one:
+        alt = min(one, key=lambda c: c.seconds)
+        if alt.time and chosen.time:
+            text += f"; {alt.method} on one device would fit but take {alt.seconds / chosen.seconds:.1f}x longer"
+    else:
+        text += "; no method fits on a single device"
+    return text
+
+
 def _why_not(c: Candidate, chosen: Candidate, spec: Spec) -> str:
     parts = [f"fits at {_gib(c.needed_bytes)}"]
     if c.time and chosen.time:
@@ -264,7 +305,18 @@ def what_would_fit(spec: Spec, report: EstimateReport, best: dict[str, Candidate
         e = estimate("qlora", q)
         verdict = "fits" if e.device_total_bytes - e.evictable_bytes <= report.usable_bytes else "would not fit either"
         out.append(f"method.name = \"qlora\" (4-bit base) needs {_gib(e.device_total_bytes - e.evictable_bytes)}: {verdict}")
-    # 3. the smallest catalog device on which the smallest plan fits
+    # 3. more devices of this kind, sharded with FSDP
+    quantized = smallest.method in ("qlora", "qdora")
+    single = estimate(smallest.method, smallest.setup)
+    for n in (2, 4, 8, 16, 32, 64):
+        if n <= report.hardware.count * report.hardware.nodes:
+            continue
+        e = shard(single, smallest.setup, "fsdp", n, quantized)
+        if e.device_total_bytes - e.evictable_bytes <= report.usable_bytes:
+            out.append(f"hardware.count = {n} (or nodes × count = {n}) {report.hardware.device.id} with FSDP: "
+                       f"{smallest.method} needs {_gib(e.device_total_bytes - e.evictable_bytes)} per device")
+            break
+    # 4. the smallest catalog device on which the smallest plan fits
     need = smallest.needed_bytes
     for dev in sorted(catalog.devices(), key=lambda d: d.memory_bytes):
         if need <= dev.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION):

@@ -23,6 +23,8 @@ def _method_json(result: PlanResult, c: Candidate) -> dict:
         "geometry": {"micro_batch_size": g.micro_batch_size, "seq_len": g.seq_len,
                      "gradient_checkpointing": g.gradient_checkpointing,
                      "gradient_accumulation_steps": c.accumulation, "optimizer": c.setup.optimizer},
+        "parallelism": c.parallelism,
+        "devices": c.devices,
         "time": c.time.as_dict() if c.time else None,
         "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else None,
         "terms": [t.as_dict() for t in est.terms],
@@ -46,7 +48,8 @@ def plan_json(result: PlanResult) -> dict:
             "geometry": {"micro_batch_size": g.micro_batch_size, "gradient_accumulation_steps": c.accumulation,
                          "gradient_checkpointing": g.gradient_checkpointing, "seq_len": g.seq_len,
                          "optimizer": c.setup.optimizer, "attention": g.attention},
-            "parallelism": "single" if result.report.hardware.count * result.report.hardware.nodes == 1 else "ddp",
+            "parallelism": c.parallelism,
+            "devices": c.devices,
             "precision": result.report.resolved.precision,
             "estimate": {"peak_allocated_bytes": c.estimate.peak_allocated_bytes,
                          "device_total_bytes": c.estimate.device_total_bytes},
@@ -78,8 +81,9 @@ def render_plan(result: PlanResult, console) -> None:
            f"({_gib(dev.memory_bytes)} each, {A.FIT_HEADROOM_FRACTION:.0%} kept free)"
     if c is not None:
         g = c.setup.geometry
+        par = f" with {c.parallelism.upper()} over {c.devices} devices" if c.devices > 1 else ""
         lines = [head, "",
-                 f"[bold green]{c.method.upper()}[/]  — {result.reasons[0] if result.reasons else ''}",
+                 f"[bold green]{c.method.upper()}[/]{par}  — {result.reasons[0] if result.reasons else ''}",
                  f"memory   {_gib(c.needed_bytes)} of {_gib(rep.usable_bytes)} usable per device "
                  f"(peak allocated {_gib(c.estimate.peak_allocated_bytes)}, at the {c.estimate.phase} phase)",
                  f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens, accumulation {c.accumulation}, "
@@ -113,7 +117,8 @@ def render_plan(result: PlanResult, console) -> None:
             mark = Text("★", style="bold green")
         head_bytes = rep.usable_bytes - x.needed_bytes
         table.add_row(m, mark, _gib(x.needed_bytes), Text(_gib(head_bytes), style="green" if head_bytes >= 0 else "red"),
-                      f"mb {g.micro_batch_size}, gc {'on' if g.gradient_checkpointing else 'off'}, {x.setup.optimizer}",
+                      f"mb {g.micro_batch_size}, gc {'on' if g.gradient_checkpointing else 'off'}, {x.setup.optimizer}"
+                      + (f", {x.parallelism}×{x.devices}" if x.devices > 1 else ""),
                       _dur(x.seconds) if x.time else "?",
                       f"${x.cost_usd:,.0f}" if x.cost_usd is not None else "?",
                       breakdown_bar(x.estimate.components(), scale, width=30))

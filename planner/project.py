@@ -29,6 +29,7 @@ TEMPLATES = {  # template -> file in the project
     "evaluate.py.j2": "evaluate.py",
     "run.sh.j2": "run.sh",
     "accelerate_config.yaml.j2": "accelerate_config.yaml",
+    "ds_config.json.j2": "ds_config.json",
     "requirements.txt.j2": "requirements.txt",
     "gitignore.j2": ".gitignore",
 }
@@ -130,7 +131,7 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
         raise SpecError([Problem("data.path", f"{data_path} does not exist")])
     hp = result.hyperparameters
     g = c.setup.geometry
-    devices = rep.hardware.count * rep.hardware.nodes
+    devices = c.devices
     epochs = float(hp["epochs"].value)
     spe = result.steps_per_epoch or 1
     total_steps = spec.training.max_steps or max(1, int(spe * epochs))
@@ -170,12 +171,18 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
     }
     spec_bytes = spec_path.read_bytes()
     distributed = devices > 1
+    count = rep.hardware.count if distributed else 1
+    nodes = rep.hardware.nodes if distributed else 1
+    cpu = rep.hardware.device.is_cpu
+    # accelerate's MULTI_CPU launcher needs MPI; MULTI_GPU with use_cpu runs torchrun + gloo on CPUs
+    distributed_type = {"single": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP",
+                        "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}[c.parallelism]
     launch = {
-        "count": rep.hardware.count, "nodes": rep.hardware.nodes, "devices": rep.hardware.count,
-        "processes": devices, "distributed": distributed,
-        "distributed_type": "MULTI_GPU" if distributed else "NO",
+        "count": count, "nodes": nodes, "devices": count, "processes": devices, "distributed": distributed,
+        "parallelism": c.parallelism, "distributed_type": distributed_type if distributed else "NO",
+        "zero_stage": 3 if c.parallelism == "deepspeed-zero3" else 2,
         "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[rep.resolved.precision],
-        "use_cpu": rep.hardware.device.is_cpu,
+        "use_cpu": cpu,
     }
     prediction = {"device": rep.hardware.device.id, "devices": devices,
                   "peak_allocated_bytes": c.estimate.peak_allocated_bytes,

@@ -30,6 +30,7 @@ class MethodSetup:
     dropout: float = 0.05
     target_modules: Any = "all-linear"
     trust_remote_code: bool = False
+    shard_quantized: bool = False  # FSDP / ZeRO-3: store 4-bit weights in the compute dtype so they can be sharded
     extra: dict = field(default_factory=dict)
 
 
@@ -44,11 +45,13 @@ def quantization_config(setup: MethodSetup):
         return None
     from transformers import BitsAndBytesConfig
 
+    kwargs = {"bnb_4bit_quant_storage": torch_dtype(setup.dtype)} if setup.shard_quantized else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch_dtype(setup.dtype),
+        **kwargs,
     )
 
 

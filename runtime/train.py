@@ -71,8 +71,10 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
                         gradient_checkpointing=t["gradient_checkpointing"], rank=m.get("rank", 16),
                         alpha=m.get("alpha", 32.0), dropout=m.get("dropout", 0.0),
                         target_modules=m.get("target_modules", "all-linear"),
-                        trust_remote_code=config.model["trust_remote_code"])
-    device_map = {"": local_rank} if (cuda and m["name"] in ("qlora", "qdora")) else None
+                        trust_remote_code=config.model["trust_remote_code"],
+                        shard_quantized=config.launch.get("parallelism") in ("fsdp", "deepspeed-zero3"))
+    sharded = config.launch.get("parallelism") in ("fsdp", "deepspeed-zero3")
+    device_map = {"": local_rank} if (cuda and m["name"] in ("qlora", "qdora") and not sharded) else None
     model = load_model(model_path, setup, device_map=device_map)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -161,6 +163,12 @@ def main(argv=None, default_config: Path | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot load {config.model['name']}: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    if trainer.is_world_process_zero():
+        acc = trainer.accelerator
+        metrics.write({"event": "start", "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
+                       "fsdp": bool(trainer.is_fsdp_enabled), "parallelism": config.launch.get("parallelism", "single"),
+                       "train_examples": len(data.train), "eval_examples": len(data.eval), "format": data.format,
+                       "packed": data.packed})
     resume = None
     if args.resume:
         resume = last_checkpoint(config.output_dir)
@@ -175,9 +183,10 @@ def main(argv=None, default_config: Path | None = None) -> int:
               f"checkpoint is {good or 'none'}; lower training.learning_rate or check the data, then --resume.",
               file=sys.stderr)
         return EXIT_NAN
+    final = config.output_dir / "final"
+    trainer.save_model(str(final))  # every rank: under FSDP the full state dict is gathered collectively;
+    # the Trainer writes it (the adapter, or the full model, as safetensors) once, on the main process
     if trainer.is_world_process_zero():
-        final = config.output_dir / "final"
-        trainer.save_model(str(final))  # the adapter (or the full model), safetensors
         tokenizer.save_pretrained(str(final))  # with its chat template
         from .plot import plot_loss
 

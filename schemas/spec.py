@@ -15,6 +15,7 @@ MethodName = Literal["full", "lora", "qlora", "dora", "qdora"]
 METHOD_NAMES: tuple[str, ...] = ("full", "lora", "qlora", "dora", "qdora")
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
+Parallelism = Literal["auto", "single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"]
 
 
 class _Table(BaseModel):
@@ -43,6 +44,7 @@ class HardwareSpec(_Table):
     memory_gib: float | None = Field(default=None, gt=0, description="Memory per device in GiB. Required when `gpu` is not in the catalog; for `cpu` it defaults to this machine's RAM.")
     count: int = Field(default=1, ge=1, description="Devices per node.")
     nodes: int = Field(default=1, ge=1, description="Number of nodes (machines).")
+    network_gbps: float | None = Field(default=None, gt=0, description="Bandwidth between nodes in GB/s per node (multi-node runs). Default: 12.5 (100 Gb/s Ethernet).")
     price_usd_per_hour: float | None = Field(default=None, ge=0, description="Your price for one device-hour, overriding the catalog's typical price.")
 
 
@@ -65,6 +67,7 @@ class TrainingSpec(_Table):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = Field(None, description="Learning-rate schedule after warmup.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up from zero.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    parallelism: Parallelism = Field("auto", description="How several devices share the run: single (one device), ddp (each holds everything), fsdp (full shard), deepspeed-zero2 / deepspeed-zero3. `auto` lets the planner choose.")
     seed: int = Field(42, description="Random seed, set before the adapter is created.")
     save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N optimizer steps.")
 

@@ -27,7 +27,7 @@ import pytest
 import tomli_w
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from peftplan.cli import main  # noqa: E402
@@ -90,7 +90,10 @@ def check_cli(spec_path: Path, command: str) -> int:
             assert line.startswith(str(spec_path)), f"line does not name the spec file: {line!r}\n{shown}"
         assert not out.strip(), shown
     if rc in (0, 3) and command != "validate":
-        data = json.loads(out, parse_constant=_no_constant)  # strict JSON: no NaN / Infinity
+        try:
+            data = json.loads(out, parse_constant=_no_constant)  # strict JSON: no NaN / Infinity
+        except ValueError as exc:
+            raise AssertionError(f"{command} --json printed invalid JSON ({exc})\n{shown}") from None
         if command == "estimate":
             assert set(data["methods"]) == set(METHODS), shown
         else:  # plan: see test_plan_json_lists_all_five_methods for the contract's "everything estimate prints"
@@ -164,10 +167,40 @@ keys = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n"),
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                       st.dictionaries(keys, inner, max_size=4)),
                       max_leaves=12)
-# what a valid-looking value for each key might be: drives the planner's arithmetic with odd but allowed values
-plausible = st.one_of(st.sampled_from(SPECIAL_NUMBERS), st.sampled_from(SPECIAL_STRINGS), st.booleans(),
-                      st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj", "c_attn", "", "x"]), max_size=4))
+
+
+def _leaf_types(annotation) -> set:
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return {("literal", a) for a in args}
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(a) for a in args))
+
+
+def plausible_for(table: str, key: str):
+    """Values of the right type for the key, extremes included: these pass validation and reach the planner."""
+    kinds = _leaf_types(Spec.model_fields[table].annotation.model_fields[key].annotation)
+    options = [st.sampled_from(SPECIAL_STRINGS[:12])]
+    literals = sorted(k[1] for k in kinds if isinstance(k, tuple))
+    if literals:
+        options.append(st.sampled_from(literals))
+    if int in kinds or float in kinds:
+        options += [st.sampled_from([n for n in SPECIAL_NUMBERS if isinstance(n, int)]),
+                    st.integers(min_value=-3, max_value=2**70), st.integers(min_value=1, max_value=4096)]
+    if float in kinds:
+        options += [st.sampled_from(SPECIAL_NUMBERS), st.floats(min_value=0, allow_infinity=True),
+                    st.floats(min_value=1e-6, max_value=1e6)]
+    if bool in kinds:
+        options.append(st.booleans())
+    if str in kinds:
+        options += [st.sampled_from(SPECIAL_STRINGS), st.text(max_size=30)]
+    if any(getattr(k, "__origin__", None) is list or k is list for k in kinds) or key == "target_modules":
+        options.append(st.lists(st.sampled_from(["q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj", "c_attn", "", "x"]), max_size=4))
+    return st.one_of(options)
 
 
 def _paths(d, prefix=()):
@@ -190,8 +223,8 @@ def mutated_specs(draw):
     spec = copy.deepcopy(draw(st.sampled_from(BASES)))
     if draw(st.booleans()):
         spec["model"] = {**spec.get("model", {}), "name": draw(st.sampled_from(["model", "model/config.json", "./model"]))}
-    for _ in range(draw(st.integers(min_value=1, max_value=5))):
-        op = draw(st.sampled_from(["drop", "set", "set_plausible", "set_plausible", "unknown", "table", "rename"]))
+    for _ in range(draw(st.integers(min_value=1, max_value=3))):
+        op = draw(st.sampled_from(["drop", "set", "unknown", "table", "rename"] + ["set_plausible"] * 8))
         paths = _paths(spec)
         if op == "drop" and paths:
             path = draw(st.sampled_from(paths))
@@ -202,7 +235,7 @@ def mutated_specs(draw):
             table, key = draw(st.sampled_from(spec_keys()))
             if not isinstance(spec.get(table), dict):
                 spec[table] = {}
-            spec[table][key] = draw(values if op == "set" else plausible)
+            spec[table][key] = draw(values if op == "set" else plausible_for(table, key))
         elif op == "unknown":
             tables = [()] + [(t,) for t, v in spec.items() if isinstance(v, dict)]
             where = draw(st.sampled_from(tables))
@@ -230,8 +263,14 @@ FUZZ_SETTINGS = dict(deadline=None, derandomize=True, database=None,
                                             HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 
 
-@settings(max_examples=900, **FUZZ_SETTINGS)
+_QS = tomllib.loads((ROOT / "examples" / "quickstart" / "spec.toml").read_text(encoding="utf-8"))
+
+
+@settings(max_examples=800, **FUZZ_SETTINGS)
 @given(spec=mutated_specs())
+@example(spec={**_QS, "hardware": {"gpu": "cpu", "memory_gib": 1e300}})  # found by this test; kept as seeds
+@example(spec={**_QS, "data": {**_QS["data"], "seq_len": 10**40}})
+@example(spec={**_QS, "training": {**_QS["training"], "epochs": 1e308}})
 def test_fuzz_mutated_specs_validate_estimate_plan(fuzz_dir, spec):
     path = write_spec(fuzz_dir / "spec.toml", spec)
     for command in ("validate", "estimate", "plan"):
@@ -240,6 +279,7 @@ def test_fuzz_mutated_specs_validate_estimate_plan(fuzz_dir, spec):
 
 @settings(max_examples=250, **FUZZ_SETTINGS)
 @given(doc=st.dictionaries(keys, values, max_size=6))
+@example(doc={"function-": []})  # found by this test: a key that looks like a pydantic union tag
 def test_fuzz_random_documents(fuzz_dir, doc):
     path = write_spec(fuzz_dir / "random.toml", doc)
     for command in ("validate", "estimate", "plan"):
@@ -705,17 +745,20 @@ def model_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     base = build_tiny_model(root / "tiny", family="llama", hidden_size=64, intermediate_size=128)
     write_dataset(root / "data.jsonl", "chat", 16)
-    markers = {k: root / f"MARKER-{k}" for k in ("config", "modeling", "pickle")}
-
-    evil = root / "custom"
-    shutil.copytree(base, evil)
-    cfg = json.loads((evil / "config.json").read_text())
-    cfg.update(model_type="evilnet", architectures=["EvilForCausalLM"],
-               auto_map={"AutoConfig": "configuration_evil.EvilConfig",
-                         "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
-    (evil / "config.json").write_text(json.dumps(cfg))
-    (evil / "configuration_evil.py").write_text(CUSTOM_CONFIG_PY.format(marker=str(markers["config"])))
-    (evil / "modeling_evil.py").write_text(CUSTOM_MODELING_PY.format(marker=str(markers["modeling"])))
+    markers = {"pickle": root / "MARKER-pickle"}
+    custom = {}
+    for variant in ("untrusted", "trusted"):  # two copies: each run has its own proof-of-execution files
+        evil = custom[variant] = root / f"custom-{variant}"
+        shutil.copytree(base, evil)
+        cfg = json.loads((evil / "config.json").read_text())
+        cfg.update(model_type="evilnet", architectures=["EvilForCausalLM"],
+                   auto_map={"AutoConfig": "configuration_evil.EvilConfig",
+                             "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+        (evil / "config.json").write_text(json.dumps(cfg))
+        markers[f"{variant}-config"] = root / f"MARKER-{variant}-config"
+        markers[f"{variant}-modeling"] = root / f"MARKER-{variant}-modeling"
+        (evil / "configuration_evil.py").write_text(CUSTOM_CONFIG_PY.format(marker=str(markers[f"{variant}-config"])))
+        (evil / "modeling_evil.py").write_text(CUSTOM_MODELING_PY.format(marker=str(markers[f"{variant}-modeling"])))
 
     pickled = root / "pickled"
     shutil.copytree(base, pickled)
@@ -725,7 +768,7 @@ def model_runs(tmp_path_factory):
     torch.save(state, pickled / "pytorch_model.bin")
 
     # the planner refuses an architecture it cannot size: custom code never gets as far as a project
-    spec = {"model": {"name": str(evil), "trust_remote_code": True},
+    spec = {"model": {"name": str(custom["trusted"]), "trust_remote_code": True},
             "data": {"path": str(root / "data.jsonl"), "num_examples": 16, "seq_len": 32},
             "hardware": {"gpu": "cpu", "memory_gib": 8},
             "method": {"name": "lora", "rank": 4},
@@ -733,7 +776,8 @@ def model_runs(tmp_path_factory):
     refused = cli("generate", write_spec(root / "custom.toml", spec), "-o", root / "custom-proj")
 
     projects = {}
-    for name, model, trc in (("untrusted", evil, False), ("trusted", evil, True), ("pickle", pickled, False)):
+    for name, model, trc in (("untrusted", custom["untrusted"], False), ("trusted", custom["trusted"], True),
+                             ("pickle", pickled, False)):
         spec["model"] = {"name": str(base), "trust_remote_code": trc}
         rc, _, err = cli("generate", write_spec(root / f"{name}.toml", spec), "-o", root / name)
         assert rc == 0, err
@@ -765,7 +809,8 @@ def test_custom_code_model_is_refused_by_planner(model_runs):
 def test_custom_code_refused_at_run_time_without_trust(model_runs):
     r = model_runs["results"]["untrusted"]
     m = model_runs["markers"]
-    assert not m["config"].exists() and not m["modeling"].exists(), "custom code ran without trust_remote_code"
+    assert not m["untrusted-config"].exists() and not m["untrusted-modeling"].exists(), \
+        "custom code ran without trust_remote_code"
     assert r.returncode == 2, f"exit {r.returncode}\n{r.stderr[-2500:]}"
     assert "trust_remote_code" in r.stderr
     assert "Traceback" not in r.stderr, r.stderr[-2500:]
@@ -776,7 +821,7 @@ def test_custom_code_refused_at_run_time_without_trust(model_runs):
 def test_custom_code_runs_only_when_trusted(model_runs):
     r = model_runs["results"]["trusted"]
     assert r.returncode == 0, r.stderr[-2500:]
-    assert model_runs["markers"]["modeling"].exists()  # trust_remote_code = true reached the loader
+    assert model_runs["markers"]["trusted-modeling"].exists()  # trust_remote_code = true reached the loader
 
 
 @pytest.mark.slow

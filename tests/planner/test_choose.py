@@ -23,7 +23,7 @@ EXAMPLES = ROOT / "examples"
 EXPECTED = {
     "dora-little-data.toml": ("dora", "bf16"),            # 2,000 examples, quality first, 80 GB
     "llama-1b-on-cpu.toml": ("dora", "fp32"),             # 500 examples; CPU trains in fp32
-    "llama-70b-8x-a100.toml": ("qlora", "bf16"),          # each device holds the model: 16-bit 70B > 80 GB
+    "llama-70b-8x-a100.toml": ("lora", "bf16"),           # FSDP over 8: 141 GB of 16-bit weights / 8 per device
     "llama-70b-on-one-80gb.toml": ("qlora", "bf16"),      # the QLoRA use case
     "llama-8b-on-t4.toml": ("qlora", "fp16"),             # 16 GB, no bf16, 20k examples
     "llama3-8b-lora-a100.toml": ("lora", "bf16"),         # method.name set
@@ -32,6 +32,8 @@ EXPECTED = {
     "qwen-7b-long-context-32k.toml": ("dora", "bf16"),    # 2,000 examples, 141 GB H200
     "vicuna-7b-qdora-24gb.toml": ("qdora", "bf16"),       # method.name set
     "quickstart/spec.toml": ("lora", "fp32"),             # the offline CPU quickstart (method.name set)
+    "llama-405b-8x-h100-qlora-fsdp.toml": ("qlora", "bf16"),  # 4-bit 405B ≈ 203 GB: /8 per device
+    "llama-70b-two-nodes.toml": ("lora", "bf16"),         # 16 × H100: the 16-bit base sharded, 50k examples
 }
 
 
