@@ -23,6 +23,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from peftplan.planner.parallel import shard
 from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
 from peftplan.planner import assumptions as A
 from peftplan.planner.catalog import find_model
@@ -208,8 +209,12 @@ def build(row: dict):
     notes: list[str] = []
     if row["method"] not in METHODS:
         return "not compared", f"method {row['method']!r} not estimated", None, notes
-    if row.get("parallelism", "single") != "single" or row.get("num_gpus", 1) != 1:
-        return "not compared", f"multi-GPU ({row.get('num_gpus')}x, {row.get('parallelism')})", None, notes
+    parallelism = row.get("parallelism", "single")
+    devices = int(row.get("num_gpus", 1))
+    if parallelism not in ("single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        return "not compared", f"parallelism {parallelism!r} not modelled", None, notes
+    if devices > 1:
+        notes.append(f"per device under {parallelism} over {devices} GPUs (planner.parallel.shard)")
     if _offload(row):
         return "not compared", "CPU offload (activations or parameters live in host memory)", None, notes
     cat = find_model(row["model"])
@@ -279,6 +284,8 @@ def build(row: dict):
     setup = Setup(shape, Geometry(int(row["micro_batch_size"]), int(seq), bool(gc), 1, attention, padded),
                   AdapterSettings(rank, alpha, dropout, target_arg), optimizer, dtype, "cuda")
     est = estimate(row["method"], setup)
+    if devices > 1 and parallelism != "single":
+        est = shard(est, setup, parallelism, devices, row["method"] in ("qlora", "qdora"))
     fields = dict(catalog_model=cat.id, seq_len=seq, gradient_checkpointing=gc, optimizer=optimizer, dtype=dtype,
                   attention=attention, padded=padded, rank=rank if row["method"] != "full" else "",
                   alpha=alpha if row["method"] != "full" else "", dropout=dropout if row["method"] != "full" else "",
