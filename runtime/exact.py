@@ -16,49 +16,7 @@ dropout masks have the input's dtype here where CUDA keeps 1-byte masks.
 from __future__ import annotations
 
 import time
-import weakref
 from contextlib import contextmanager
-
-
-def _tracker_class():
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    import torch
-
-    class LiveStorage(TorchDispatchMode):
-        """Live storage bytes of fake/meta tensors, keyed by the storage itself."""
-
-        def __init__(self, baseline=()):
-            super().__init__()
-            self.live: dict[int, int] = {}
-            self.current = 0
-            self.peak = 0
-            for t in baseline:
-                self.track(t)
-            self.baseline = self.current
-
-        def _free(self, key):
-            self.current -= self.live.pop(key, 0)
-
-        def track(self, t):
-            st = t.untyped_storage()
-            key, n = st._cdata, st.nbytes()
-            if n == 0 or key in self.live:
-                return
-            self.live[key] = n
-            self.current += n
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(st, self._free, key)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.track(t)
-            return out
-
-    return LiveStorage
 
 
 @contextmanager
@@ -82,6 +40,7 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .memprobe import LiveTensorBytes
     from .model import MethodSetup, apply_method, torch_dtype
 
     t0 = time.perf_counter()
@@ -126,10 +85,9 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
     frozen_bytes = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     compute = torch_dtype(dtype)
-    Live = _tracker_class()
     with _no_data_dependent_masks(), fake:
         ids = torch.randint(0, int(hf_config.get_text_config().vocab_size), (batch, seq))
-        tracker = Live([p.data for p in params] + list(model.buffers()))
+        tracker = LiveTensorBytes([p.data for p in params] + list(model.buffers()))
         with tracker:
             with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
                 out = model(input_ids=ids, labels=ids)

@@ -17,13 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
-def _storage_key(t: torch.Tensor):
-    st = t.untyped_storage()
-    return st, st.data_ptr(), st.nbytes()
-
-
 class LiveTensorBytes(TorchDispatchMode):
-    """Peak live tensor bytes, counting each storage once."""
+    """Peak live tensor bytes, counting each storage once (keyed by the storage itself, so fake tensors
+    from FakeTensorMode, which all have data_ptr 0, are counted too)."""
 
     def __init__(self, baseline_tensors=()):
         super().__init__()
@@ -45,7 +41,8 @@ class LiveTensorBytes(TorchDispatchMode):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
         try:
-            st, ptr, nbytes = _storage_key(t)
+            st = t.untyped_storage()
+            ptr, nbytes = st._cdata, st.nbytes()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
             return
         if nbytes == 0 or ptr in self.live:
@@ -103,19 +100,19 @@ def rss_high_water_reset() -> None:
         pass
 
 
-def rss_high_water_bytes() -> int | None:
+def _status_bytes(field: str) -> int | None:
     try:
         text = Path("/proc/self/status").read_text()
     except OSError:
         return None
-    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    m = re.search(rf"{field}:\s+(\d+) kB", text)
     return int(m.group(1)) * 1024 if m else None
+
+
+def rss_high_water_bytes() -> int | None:
+    """Peak resident set size since the last rss_high_water_reset() (Linux)."""
+    return _status_bytes("VmHWM")
 
 
 def rss_bytes() -> int | None:
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    m = re.search(r"VmRSS:\s+(\d+) kB", text)
-    return int(m.group(1)) * 1024 if m else None
+    return _status_bytes("VmRSS")
