@@ -96,19 +96,31 @@ def env(threads: int) -> dict:
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
 
 
-def chat_records(n: int, seed: int = 0, max_sentences: int = 22) -> list[dict]:
-    """n chat records whose answers are 1..max_sentences sentences long, log-uniformly (widely spread)."""
+def chat_records(tokenizer, n: int, low: int = 24, high: int = 256, seed: int = 0) -> list[dict]:
+    """n chat records whose token lengths are spread widely: log-uniform between `low` and `high` tokens
+    (a user question, then an assistant answer cut to the number of words that reaches the drawn length;
+    every fourth record has a system prompt)."""
     from peftplan.runtime.testing import corpus
 
     sentences = corpus(2000, seed=seed + 1)
+    words = " ".join(sentences).split()
     rng = random.Random(seed)
+
+    def length(messages):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]) + 1  # + EOS
+
     out = []
     for i in range(n):
-        k = max(1, round(math.exp(rng.uniform(0.0, math.log(max_sentences)))))
-        messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 2 == 0 else []
-        messages += [{"role": "user", "content": rng.choice(sentences)},
-                     {"role": "assistant", "content": " ".join(rng.choice(sentences) for _ in range(k))}]
-        out.append({"messages": messages})
+        target = round(math.exp(rng.uniform(math.log(low), math.log(high))))
+        start = rng.randrange(len(words) - 400)
+        head = [{"role": "system", "content": "You are a helpful assistant."}] if i % 4 == 0 else []
+        head.append({"role": "user", "content": rng.choice(sentences)})
+        lo, hi = 1, 300  # the fewest answer words that reach the target length
+        while lo < hi:
+            mid = (lo + hi) // 2
+            msgs = head + [{"role": "assistant", "content": " ".join(words[start:start + mid])}]
+            lo, hi = (lo, mid) if length(msgs) >= target else (mid + 1, hi)
+        out.append({"messages": head + [{"role": "assistant", "content": " ".join(words[start:start + lo])}]})
     return out
 
 
@@ -119,8 +131,8 @@ def build_workspace(ws: Path, examples: int, seq_len: int) -> dict:
     from peftplan.runtime.testing import build_tiny_model, write_records
 
     build_tiny_model(ws / "model", family="llama", **MODEL)
-    write_records(ws / "data.jsonl", chat_records(examples))
     tok = AutoTokenizer.from_pretrained(ws / "model")
+    write_records(ws / "data.jsonl", chat_records(tok, examples, high=seq_len))
     pad = pad_token_id(tok)
     stats = {}
     for packing in (False, True):

@@ -226,7 +226,9 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
 
 def render_files(context: dict) -> dict[str, str]:
     env = environment()
-    return {name: env.get_template(tpl).render(**context) for tpl, name in TEMPLATES.items()}
+    deepspeed = context["launch"]["parallelism"].startswith("deepspeed")
+    return {name: env.get_template(tpl).render(**context) for tpl, name in TEMPLATES.items()
+            if deepspeed or name != "ds_config.json"}
 
 
 def runtime_files() -> dict[str, str]:

@@ -108,7 +108,11 @@ class PeakMemory(TrainerCallback):
         else:
             return
         predicted = self.metrics.prediction.get("peak_allocated_bytes")
+        shape = getattr(state, "last_batch_shape", None)
         self.result = {"event": "peak_memory", "step": state.global_step, **measured,
+                       "measured_batch_shape": shape,
+                       "note": "the prediction is for full rows of seq_len tokens; padded batches shorter than "
+                               "that use less",
                        "predicted_peak_allocated_bytes": predicted,
                        "predicted_device_total_bytes": self.metrics.prediction.get("device_total_bytes"),
                        "error": ((predicted - measured["measured_peak_allocated_bytes"]) /

@@ -127,8 +127,11 @@ def _trainer_class():
 
         nan_step: int | None = None
 
-        def training_step(self, *args, **kwargs):
-            loss = super().training_step(*args, **kwargs)
+        def training_step(self, model, inputs, *args, **kwargs):
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            if ids is not None:  # the peak-memory record says which batch shape it measured
+                self.state.last_batch_shape = list(ids.shape)
+            loss = super().training_step(model, inputs, *args, **kwargs)
             if not bool(torch.isfinite(loss.detach()).all()):
                 self.nan_step = self.state.global_step + 1
                 self.control.should_training_stop = True

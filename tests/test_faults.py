@@ -370,7 +370,6 @@ def _checkpoints(project: Path) -> dict[int, Path]:
 
 CORRUPTIONS = {
     "trainer_state_garbage": lambda c: (c / "trainer_state.json").write_text('{"global_step": 8, "log_hist'),
-    "adapter_deleted": lambda c: (c / "adapter_model.safetensors").unlink(),
     "adapter_truncated": lambda c: (c / "adapter_model.safetensors").write_bytes(
         (c / "adapter_model.safetensors").read_bytes()[:10]),
 }
@@ -379,14 +378,15 @@ CORRUPTIONS = {
 @pytest.fixture(scope="module")
 def training(tmp_path_factory):
     """A tiny model; a normal run (32 examples, batch 4: 8 steps, a checkpoint every 2, the last 3 kept) and a
-    run with learning rate 1e6 started together; then the normal run copied three times, its newest
-    checkpoint corrupted three ways, and the three resumes started together."""
+    run with learning rate 1e6 (a checkpoint every step) started together; then the normal run copied once
+    per corruption, its newest checkpoint corrupted, and the resumes started together."""
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peftplan.runtime.testing import build_tiny_model, write_dataset
 
     root = tmp_path_factory.mktemp("train")
-    build_tiny_model(root / "model", family="llama", hidden_size=64, intermediate_size=128)
+    # the quickstart's geometry: at learning rate 1e6 its gradients overflow one step before the loss does
+    build_tiny_model(root / "model", family="llama", hidden_size=128, intermediate_size=256)
     write_dataset(root / "data.jsonl", "chat", 32)
     (root / "good.toml").write_text(SPEC.format(model="model", n=32, lr=2e-3, save=2))
     (root / "nan.toml").write_text(SPEC.format(model="model", n=32, lr=1e6, save=1))
@@ -442,6 +442,12 @@ def test_nan_loss_stops_with_exit_4_and_keeps_a_good_checkpoint(training):
     nan_step, good = int(m.group(1)), m.group(2)
     ckpts = _checkpoints(project)
     assert ckpts and max(ckpts) < nan_step, (sorted(ckpts), nan_step)  # nothing saved at or after the NaN step
+    logged = [json.loads(l) for l in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    first_bad = min((row["step"] for row in logged if "event" not in row and any(
+        isinstance(row.get(k), float) and not math.isfinite(row[k]) for k in ("loss", "grad_norm"))), default=None)
+    assert first_bad is not None, "metrics.jsonl shows no non-finite loss or gradient norm"
+    assert max(ckpts) < first_bad, (f"checkpoint-{max(ckpts)} was saved after the first non-finite step "
+                                    f"{first_bad} (metrics.jsonl); the run reported step {nan_step}")
     assert not (project / "outputs" / "final").exists()
     assert good == str(ckpts[max(ckpts)]), (good, sorted(ckpts))
     weights = load_file(Path(good) / "adapter_model.safetensors")
