@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark, writing results under benchmarks/results/ (about 10-12 minutes on 2 CPU cores).
+# Run every benchmark, writing results under benchmarks/results/ (about 10-13 minutes on 2 shared CPU cores).
 #
 #   bash benchmarks/run_all.sh            # PYTHON=/path/to/python to use another interpreter
 #
@@ -31,7 +31,7 @@ step() {
 echo "peftplan benchmarks, $(date -u +%Y-%m-%dT%H:%M:%SZ), $("$PY" --version 2>&1), $(nproc) CPU(s), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 step planner_speed "$PY" benchmarks/planner_speed.py --repeat 15
 step cold_start    "$PY" benchmarks/cold_start.py --repeat 15
-step throughput    "$PY" benchmarks/throughput.py --repeat 3 --steps 24
+step throughput    "$PY" benchmarks/throughput.py --repeat 5 --steps 24
 echo
 echo "results: $(ls benchmarks/results/*.json | tr '\n' ' ')"
 if ((${#failed[@]})); then echo "failed: ${failed[*]}"; exit 1; fi

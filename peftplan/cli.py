@@ -187,10 +187,13 @@ def cmd_generate(args) -> int:
     except GenerateError as exc:
         print(f"peftplan generate: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    from .planner.project import f_sh
+
     c = result.chosen
-    print(f"wrote {len(written)} files to {out}: {c.method} on {result.report.hardware.device.id}, "
+    where = f_sh(out.expanduser().resolve())
+    print(f"wrote {len(written)} files to {where}: {c.method} on {result.report.hardware.device.id}, "
           f"micro-batch {c.micro_batch}, predicted {c.needed_bytes / 2**30:.1f} GiB per device")
-    print(f"next: peftplan run {out}   (or: cd {out} && ./run.sh)")
+    print(f"next: peftplan run {where}   (or: cd {where} && ./run.sh)")
     return EXIT_OK
 
 

@@ -160,11 +160,12 @@ _gib, _hours = gib, duration
 def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
     report = estimate_spec(spec, base_dir=base_dir)
     n_params = report.model.shape.parameters
-    methods = [spec.method.name] if spec.method.name != "auto" else list(METHODS)
+    methods = list(METHODS)  # all five are shown; a method set in the spec is the only one chosen from
     hypers = {m: choose_hyperparameters(m, n_params, spec.data.num_examples, spec.method, spec.training,
                                         spec.objective.priority) for m in methods}
     all_cands = {m: _candidates(spec, report, m, hypers[m]) for m in methods}
     best = {m: _best(all_cands[m], spec.objective.priority) for m in methods}
+    allowed = [spec.method.name] if spec.method.name != "auto" else methods
     result = PlanResult(report=report, best=best, chosen=None)
     o = spec.objective
 
@@ -175,9 +176,13 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
             return f"costs ~${c.cost_usd:,.0f}, over objective.budget_usd = {o.budget_usd:g}"
         return None
 
-    viable = {m: c for m, c in best.items() if c.fits and not over_limits(c)}
+    viable = {m: c for m, c in best.items() if m in allowed and c.fits and not over_limits(c)}
     for m, c in best.items():
-        if not c.fits:
+        if m not in allowed:
+            verdict = "fits" if c.fits else "does not fit"
+            result.rejected.append({"method": m, "why": f"method.name = {spec.method.name!r} is set in the spec "
+                                                        f"({m} {verdict} at {_gib(c.needed_bytes)})"})
+        elif not c.fits:
             short = c.needed_bytes - report.usable_bytes
             result.rejected.append({"method": m, "why": (
                 f"needs {_gib(c.needed_bytes)} per device at best ({c.describe()}): {_gib(short)} over the "
@@ -186,11 +191,12 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
             result.rejected.append({"method": m, "why": why})
 
     if not viable:
-        result.suggestions = what_would_fit(spec, report, best, base_dir)
+        considered = {m: c for m, c in best.items() if m in allowed}
+        result.suggestions = what_would_fit(spec, report, considered, base_dir)
         result.chosen = None
         limits = [r["why"] for r in result.rejected if "over objective" in r["why"]]
         head = ("no method fits the objective's limits: " + "; ".join(limits)) if limits and all(
-            c.fits for c in best.values()) else _nothing_fits_headline(report, best, spec.method.name)
+            c.fits for c in considered.values()) else _nothing_fits_headline(report, considered, spec.method.name)
         raise NothingFits(head, result)
 
     chosen, reasons = _choose(spec, viable, best, report.usable_bytes)
@@ -202,6 +208,7 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
     for m, c in viable.items():
         if m != chosen.method:
             result.rejected.append({"method": m, "why": _why_not(c, chosen, spec)})
+    result.rejected = [r for r in result.rejected if r["method"] != chosen.method]
     order = {m: i for i, m in enumerate(METHODS)}
     result.rejected.sort(key=lambda r: order[r["method"]])
     result.steps_per_epoch = steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,9 +69,16 @@ def f_mdcode(value) -> str:
 
 
 def f_sh(value) -> str:
+    """One shell word, exactly the value, on one line: POSIX quoting, or bash's $'…' for control characters."""
     import shlex
 
-    return shlex.quote(f_comment(value))
+    text = str(value)
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = "".join(ch if ch.isprintable() and ch not in "\\'" else
+                      {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\x{ord(ch):02x}")
+                      for ch in text)
+    return f"$'{escaped}'"
 
 
 def f_yamlstr(value) -> str:
@@ -125,8 +133,7 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
     if not spec.data.path:
         raise SpecError([Problem("data.path", "required for generate: the training data file (JSONL, JSON, CSV or Parquet)")])
     data_path = Path(spec.data.path).expanduser()
-    if not data_path.is_absolute():
-        data_path = (spec_path.parent / data_path).resolve()
+    data_path = (data_path if data_path.is_absolute() else spec_path.parent / data_path).resolve()
     if not data_path.exists():
         raise SpecError([Problem("data.path", f"{data_path} does not exist")])
     hp = result.hyperparameters
@@ -159,7 +166,7 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
     why = {k: (v.why if not v.user_set else "set in the spec") for k, v in hp.items()}
     training_why = {
         "micro_batch_size": "largest that fits with the fastest geometry" if not spec.training.micro_batch_size else "set in the spec",
-        "gradient_accumulation_steps": f"effective batch {hp['effective_batch_size'].value} sequences",
+        "gradient_accumulation_steps": f"effective batch {g.micro_batch_size * c.accumulation * devices} sequences",
         "gradient_checkpointing": "set in the spec" if spec.training.gradient_checkpointing is not None else
         ("needed to fit" if g.gradient_checkpointing else "not needed: faster without recomputation"),
         "optimizer": "set in the spec" if spec.training.optimizer else "32-bit AdamW unless memory needs 8-bit or paged",
@@ -245,39 +252,123 @@ def runtime_files() -> dict[str, str]:
     return out
 
 
+MANIFEST = ".peftplan_files"  # what peftplan generated here: --force replaces these, keeps the rest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove unfinished builds (`.NAME.peftplan-new-*`) whose generating process is gone."""
+    for tmp in parent.glob(f".{name}.peftplan-new-*"):
+        try:
+            pid = int((tmp / ".pid").read_text())
+            os.kill(pid, 0)  # still running: leave it alone
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
+
+
+def _carry_user_files(old: Path, new: Path, ours: set[str]) -> None:
+    """Hard-link (or copy) everything in `old` that peftplan did not generate into `new`."""
+    previous = set()
+    if (old / MANIFEST).is_file():
+        previous = set((old / MANIFEST).read_text(encoding="utf-8").splitlines())
+    for root, dirs, files in os.walk(old):
+        rel_root = Path(root).relative_to(old)
+        for d in dirs:
+            (new / rel_root / d).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            rel = str(rel_root / f) if str(rel_root) != "." else f
+            if rel in ours or rel in previous or rel == MANIFEST:
+                continue
+            src, dst = Path(root) / f, new / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def _carried_over(old: Path, out: Path) -> bool:
+    """True when every file of `old` that peftplan did not generate is also in `out` (the same file)."""
+    previous = set()
+    if (old / MANIFEST).is_file():
+        previous = set((old / MANIFEST).read_text(encoding="utf-8").splitlines())
+    for root, _, files in os.walk(old):
+        for f in files:
+            rel = os.path.relpath(os.path.join(root, f), old)
+            if rel in previous or rel == MANIFEST:
+                continue
+            try:
+                if not os.path.samefile(os.path.join(root, f), out / rel):
+                    return False
+            except OSError:
+                return False
+    return True
+
+
 def write_project(files: dict[str, str], out: Path, force: bool) -> list[str]:
-    """Write atomically: build in a temporary folder beside `out`, then move into place."""
-    out = Path(out)
+    """Write atomically: build the whole project in a temporary folder beside `out`, then rename it into
+    place. With --force the previous folder is swapped out in one rename as well, after the user's own
+    files (anything peftplan did not generate) were hard-linked into the new one."""
+    out = Path(out).expanduser().resolve()  # `..` and symlinks: write where they really lead, and say so
     if out.exists() and not out.is_dir():
         raise SpecError([Problem("", f"{out} exists and is not a directory")])
     if out.exists() and any(out.iterdir()) and not force:
         raise SpecError([Problem("", f"{out} already exists; use --force to regenerate (your own files there are kept)")])
-    parent = out.parent if str(out.parent) else Path(".")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise GenerateError(f"cannot create {out}: {parent} is not a directory")
+    for stale in sorted(parent.glob(f".{out.name}.peftplan-old-*")) if parent.is_dir() else ():
+        if not out.exists():  # a --force was killed between its two renames: put the project back first
+            os.rename(stale, out)
+            print(f"note: restored {out} from {stale.name} (an interrupted --force)", file=sys.stderr)
+        elif _carried_over(stale, out):  # killed after the swap: everything of the user's is in `out`
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            print(f"note: {stale} holds a previous version of {out} from an interrupted --force; "
+                  "nothing was deleted from it", file=sys.stderr)
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-", dir=parent))
+        _clean_stale(parent, out.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-new-", dir=parent))
     except OSError as exc:
-        raise GenerateError(f"cannot write to {parent}: {exc.strerror}") from None
+        raise GenerateError(f"cannot write to {parent}: {exc.strerror or exc}") from None
+    old = None
     try:
+        (tmp / ".pid").write_text(str(os.getpid()))
         for rel, text in files.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             if Path(rel).name in EXECUTABLE:
-                path.chmod(0o755)
-        if not out.exists():
-            os.rename(tmp, out)
-        else:  # --force: replace our files one by one; anything else in `out` is left alone
-            if not os.access(out, os.W_OK):
+                path.chmod(0o777 & ~_umask())
+        (tmp / MANIFEST).write_text("\n".join(sorted(files)) + "\n", encoding="utf-8")
+        (tmp / ".pid").unlink()
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp made it 0700
+        if out.exists():
+            if not os.access(out, os.W_OK) or not os.access(parent, os.W_OK):
                 raise OSError(13, "permission denied", str(out))
-            for rel in files:
-                dest = out / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / rel, dest)
-            shutil.rmtree(tmp, ignore_errors=True)
+            _carry_user_files(out, tmp, set(files))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-old-", dir=parent))
+            old.rmdir()
+            os.rename(out, old)
+        os.rename(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not out.exists():
+            os.rename(old, out)  # put the previous project back
         raise GenerateError(f"could not write the project to {out}: {exc.strerror or exc}; nothing was changed") from None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # only peftplan's previous files are left in it
     return sorted(files)
 
 

@@ -73,14 +73,18 @@ def resolve_model(name: str, *, base_dir: Path | None = None) -> ResolvedModel:
     if entry is not None:
         config, source, location, shown = entry.config, "catalog", entry.source, entry.id
     else:
-        path = Path(name).expanduser()
-        if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
-            path = base_dir / path
-        if path.is_dir():
+        try:
+            path = Path(name).expanduser()
+            if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+                path = base_dir / path
+            is_dir, is_file = path.is_dir(), path.is_file()
+        except (OSError, ValueError) as exc:  # a name too long for a path, NUL bytes, …
+            raise SpecError([Problem(key, f"not a catalog id and not a usable path: {exc}")]) from None
+        if is_dir:
             cfg_path = path / "config.json"
             if not cfg_path.is_file():
                 raise SpecError([Problem(key, f"{path} is a directory without a config.json")])
-        elif path.is_file():
+        elif is_file:
             cfg_path = path
         else:
             cfg_path = find_in_hf_cache(name)

@@ -27,8 +27,9 @@ class MetricsFile(TrainerCallback):
 
     def write(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(clean) + "\n")  # NaN/inf become null: every line stays valid JSON
 
     def on_train_begin(self, args, state, control, **kw):
         self._t0, self._step0 = time.perf_counter(), state.global_step

@@ -42,11 +42,24 @@ def last_checkpoint(output_dir: Path) -> Path | None:
             print(f"warning: {ckpt} is incomplete or corrupt (trainer_state.json unreadable); trying an older one",
                   file=sys.stderr)
             continue
-        if not any(ckpt.glob("*.safetensors")):
-            print(f"warning: {ckpt} has no weights; trying an older one", file=sys.stderr)
+        weights = list(ckpt.glob("*.safetensors"))
+        if not weights or not all(_readable_safetensors(w) for w in weights):
+            print(f"warning: {ckpt} has missing or corrupt weights; trying an older one", file=sys.stderr)
             continue
         return ckpt
     return None
+
+
+def _readable_safetensors(path: Path) -> bool:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)  # header and offsets consistent with the file size
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means: do not resume from it
+        return False
 
 
 def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
@@ -131,11 +144,20 @@ def _trainer_class():
             ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
             if ids is not None:  # the peak-memory record says which batch shape it measured
                 self.state.last_batch_shape = list(ids.shape)
+            if self.nan_step is not None:  # already stopped: no further updates in this optimizer step
+                return torch.zeros((), device=ids.device if ids is not None else None)
             loss = super().training_step(model, inputs, *args, **kwargs)
-            if not bool(torch.isfinite(loss.detach()).all()):
+            finite = bool(torch.isfinite(loss.detach()).all())
+            if finite:  # a finite loss can still give non-finite gradients
+                finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
+                             if p.requires_grad and p.grad is not None)
+            if not finite:
                 self.nan_step = self.state.global_step + 1
+                for p in model.parameters():  # the optimizer skips parameters without gradients
+                    p.grad = None
                 self.control.should_training_stop = True
                 self.control.should_save = False
+                return torch.zeros((), device=loss.device)
             return loss
 
         def _save_checkpoint(self, *args, **kwargs):
@@ -163,8 +185,10 @@ def main(argv=None, default_config: Path | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except OSError as exc:
-        print(f"error: cannot load {config.model['name']}: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # no weights, only pickles, custom code without trust_remote_code …
+        hint = (" (set model.trust_remote_code = true in the spec only if you trust that repository's code)"
+                if "trust_remote_code" in str(exc) else "")
+        print(f"error: cannot load {config.model['name']}: {str(exc).splitlines()[0]}{hint}", file=sys.stderr)
         return EXIT_INPUT
     if trainer.is_world_process_zero():
         acc = trainer.accelerator

@@ -6,6 +6,7 @@ key can be found in the file, its line. TOML syntax errors give the line and col
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -95,11 +96,16 @@ def spec_from_dict(data: dict, *, text: str = "", path: str | Path | None = None
 
 def _problem(err: dict, lines: "_KeyLines") -> Problem:
     loc = [str(part) for part in err["loc"]]
-    # pydantic adds the union member tried ("list[str]", "literal['all-linear']") to loc: drop them.
-    loc = [part for part in loc if not part.startswith(("list[", "literal[", "function-"))]
+    kind = err["type"]
+    # pydantic adds the union member it tried ("list[str]", "literal['all-linear']") after the union field;
+    # drop those tags, but never the user's own key (an unknown key is the last part of its loc)
+    keep_last = kind == "extra_forbidden"
+    loc = [part for n, part in enumerate(loc)
+           if (keep_last and n == len(loc) - 1) or not (n > 0 and loc[n - 1] in _UNION_FIELDS
+                                                      and part.startswith(("list[", "literal[", "function-")))]
     item = next((part for part in loc if part.isdigit()), None)
     loc = [part for part in loc if not part.isdigit()]
-    key = ".".join(loc)
+    key = ".".join(_printable(part) for part in loc)
     if item is not None:
         return Problem(key, f"item {item}: {_message(err)}", lines.find(loc))
     kind = err["type"]
@@ -146,6 +152,14 @@ def _merge_union_errors(problems: list[Problem], errors: list[dict]) -> list[Pro
     return out
 
 
+_UNION_FIELDS = {"target_modules"}
+
+
+def _printable(part: str) -> str:
+    """A key part as it can be shown on one line: quoted when it is not a plain TOML bare key."""
+    return part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else json.dumps(part, ensure_ascii=False)
+
+
 def _message(err: dict) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     got = err.get("input")
@@ -156,6 +170,8 @@ def _message(err: dict) -> str:
         return f"must be > {ctx['gt']} (got {shown})"
     if kind == "less_than":
         return f"must be < {ctx['lt']} (got {shown})"
+    if kind == "less_than_equal":
+        return f"must be ≤ {ctx['le']:,} (got {shown})" if isinstance(ctx["le"], int) else f"must be ≤ {ctx['le']} (got {shown})"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']} (got {shown})"
     if kind in ("string_too_short",):

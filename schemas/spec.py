@@ -30,9 +30,9 @@ class ModelSpec(_Table):
 
 
 class DataSpec(_Table):
-    num_examples: int | None = Field(default=None, ge=1, description="How many training examples. Needed for time, cost and steps per epoch.")
-    seq_len: int | None = Field(default=None, ge=1, description="Maximum tokens per training sequence: what a batch row is padded or packed to. Default: 2048, capped at the model's maximum.")
-    avg_tokens: int | None = Field(default=None, ge=1, description="Mean tokens per example, for time estimates. Default: seq_len (every row full).")
+    num_examples: int | None = Field(default=None, ge=1, le=10**12, description="How many training examples. Needed for time, cost and steps per epoch.")
+    seq_len: int | None = Field(default=None, ge=1, le=2**22, description="Maximum tokens per training sequence: what a batch row is padded or packed to. Default: 2048, capped at the model's maximum.")
+    avg_tokens: int | None = Field(default=None, ge=1, le=2**22, description="Mean tokens per example, for time estimates. Default: seq_len (every row full).")
     path: str | None = Field(default=None, min_length=1, description="Training data: a local JSONL, JSON, CSV or Parquet file (or a hub dataset name when online). Optional for plan/estimate; required for generate/run.")
     format: Literal["auto", "chat", "instruction", "completion", "text"] = Field("auto", description="Record layout: chat (messages), instruction (instruction/input/output), completion (prompt/completion) or text. `auto` detects it from the first record.")
     packing: bool | None = Field(None, description="Pack several examples into each seq_len row instead of padding. Default: chosen by the planner.")
@@ -41,41 +41,41 @@ class DataSpec(_Table):
 
 class HardwareSpec(_Table):
     gpu: str = Field(min_length=1, description="Device name, matched loosely against the catalog (`peftplan gpus`): `A100-80GB`, `a100 80gb`, `NVIDIA A100-SXM4-80GB`. `cpu` trains on the CPU.")
-    memory_gib: float | None = Field(default=None, gt=0, description="Memory per device in GiB. Required when `gpu` is not in the catalog; for `cpu` it defaults to this machine's RAM.")
-    count: int = Field(default=1, ge=1, description="Devices per node.")
-    nodes: int = Field(default=1, ge=1, description="Number of nodes (machines).")
-    network_gbps: float | None = Field(default=None, gt=0, description="Bandwidth between nodes in GB/s per node (multi-node runs). Default: 12.5 (100 Gb/s Ethernet).")
-    price_usd_per_hour: float | None = Field(default=None, ge=0, description="Your price for one device-hour, overriding the catalog's typical price.")
+    memory_gib: float | None = Field(default=None, gt=0, le=2**20, description="Memory per device in GiB. Required when `gpu` is not in the catalog; for `cpu` it defaults to this machine's RAM.")
+    count: int = Field(default=1, ge=1, le=2**16, description="Devices per node.")
+    nodes: int = Field(default=1, ge=1, le=2**16, description="Number of nodes (machines).")
+    network_gbps: float | None = Field(default=None, gt=0, le=10**6, description="Bandwidth between nodes in GB/s per node (multi-node runs). Default: 12.5 (100 Gb/s Ethernet).")
+    price_usd_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="Your price for one device-hour, overriding the catalog's typical price.")
 
 
 class MethodSpec(_Table):
     name: Literal["auto", "full", "lora", "qlora", "dora", "qdora"] = Field("auto", description="Fine-tuning method. `auto` lets the planner choose.")
-    rank: int | None = Field(default=None, ge=1, description="LoRA rank r of the adapter matrices A (r x in) and B (out x r).")
-    alpha: float | None = Field(default=None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    rank: int | None = Field(default=None, ge=1, le=2**16, description="LoRA rank r of the adapter matrices A (r x in) and B (out x r).")
+    alpha: float | None = Field(default=None, gt=0, le=10**6, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float | None = Field(default=None, ge=0, lt=1, description="Dropout applied to the adapter's input (LoRA family only).")
     target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = Field(None, description="Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of module names such as [\"q_proj\", \"v_proj\"].")
 
 
 class TrainingSpec(_Table):
-    micro_batch_size: int | None = Field(default=None, ge=1, description="Sequences per device per forward/backward pass.")
-    gradient_accumulation_steps: int | None = Field(default=None, ge=1, description="Micro-batches accumulated before each optimizer step.")
+    micro_batch_size: int | None = Field(default=None, ge=1, le=2**16, description="Sequences per device per forward/backward pass.")
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=2**16, description="Micro-batches accumulated before each optimizer step.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute each decoder layer in the backward pass instead of storing its activations.")
     optimizer: Optimizer | None = Field(None, description="Optimizer: 32-bit AdamW (adamw_torch), 8-bit AdamW from bitsandbytes (adamw_8bit), their paged variants, or plain SGD.")
     attention: Attention | None = Field(None, description="Attention implementation: sdpa (PyTorch fused), eager (materializes the seq x seq matrix) or flash_attention_2.")
-    epochs: float | None = Field(default=None, gt=0, description="Passes over the training data.")
+    epochs: float | None = Field(default=None, gt=0, le=10**4, description="Passes over the training data.")
     learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = Field(None, description="Learning-rate schedule after warmup.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up from zero.")
-    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(default=None, ge=1, le=10**12, description="Stop after this many optimizer steps (overrides epochs).")
     parallelism: Parallelism = Field("auto", description="How several devices share the run: single (one device), ddp (each holds everything), fsdp (full shard), deepspeed-zero2 / deepspeed-zero3. `auto` lets the planner choose.")
-    seed: int = Field(42, description="Random seed, set before the adapter is created.")
-    save_steps: int | None = Field(default=None, ge=1, description="Checkpoint every N optimizer steps.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed, set before the adapter is created.")
+    save_steps: int | None = Field(default=None, ge=1, le=10**12, description="Checkpoint every N optimizer steps.")
 
 
 class ObjectiveSpec(_Table):
     priority: Literal["balanced", "quality", "memory", "speed", "cost"] = Field("balanced", description="What the planner optimizes when several candidates fit.")
-    max_hours: float | None = Field(default=None, gt=0, description="Reject plans whose estimated time exceeds this many hours.")
-    budget_usd: float | None = Field(default=None, gt=0, description="Reject plans whose estimated cost exceeds this many US dollars.")
+    max_hours: float | None = Field(default=None, gt=0, le=10**6, description="Reject plans whose estimated time exceeds this many hours.")
+    budget_usd: float | None = Field(default=None, gt=0, le=10**12, description="Reject plans whose estimated cost exceeds this many US dollars.")
 
 
 class Spec(_Table):
