@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration.csv")
     ap.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "peftplan-calibration-models"))
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing ones")
     args = ap.parse_args(argv)
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
@@ -248,6 +249,11 @@ def main(argv=None) -> int:
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.resume and out.exists():
+        with out.open() as fh:
+            rows = list(csv.DictReader(fh))
+        done = {r["run"] for r in rows}
+        runs = [r for r in runs if r.key() not in done]
     for n, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,

@@ -4,7 +4,9 @@
 
 1. Cold start: `peftplan plan examples/llama3-8b-lora-a100.toml --json` (the installed console script) and a
    bare `python -c "import pydantic, rich"` run as fresh processes, alternately, --repeat times each (after
-   one warm-up run of each for the page cache); the ratio of the medians is reported.
+   one warm-up run of each for the page cache); the ratio of the medians is reported. Both are measured twice,
+   interleaved: with the environment as it is, and with a bytecode cache for peftplan's own modules (a
+   temporary PYTHONPYCACHEPREFIX) in case the environment sets PYTHONDONTWRITEBYTECODE (see the JSON).
 2. 100 specs: 100 spec dicts crossing every catalog model (`catalog.models()`), the catalog devices
    (`catalog.devices()`), seq_len 512..8192 and num_examples 1k..200k (method and everything else left to
    the planner), each planned with `plan_spec(spec_from_dict(d))`; `NothingFits` counts as a planned answer.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,9 +109,9 @@ def child(mode: str) -> int:
     return 0
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     return time.perf_counter() - t0
 
 
@@ -133,12 +136,27 @@ def main(argv=None) -> int:
     plan_cmd = ([str(script)] if script.exists() else [sys.executable, "-m", "peftplan"]) + \
         ["plan", args.spec, "--json"]
     baseline = [sys.executable, "-c", "import pydantic, rich"]
-    timed(baseline), timed(plan_cmd)  # warm the page cache
-    base_t, plan_t = [], []
+    # Two interpreter settings, alternated within each repeat. "as_is": this environment as it is; where it sets
+    # PYTHONDONTWRITEBYTECODE=1 (as this sandbox does), peftplan's own modules (an editable install from the
+    # repository) are compiled from source on every start, while pydantic and rich load their installed .pyc.
+    # "bytecode": a bytecode cache in a temporary PYTHONPYCACHEPREFIX, as an installed wheel would have.
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="peftplan-pyc-")
+    settings = {"as_is": dict(os.environ),
+                "bytecode": {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+                             "PYTHONPYCACHEPREFIX": cache}}
+    cmds = {"baseline": baseline, "plan": plan_cmd}
+    times: dict[str, dict[str, list[float]]] = {e: {c: [] for c in cmds} for e in settings}
+    for e, env in settings.items():  # warm the page cache (and fill the bytecode cache)
+        for cmd in cmds.values():
+            timed(cmd, env)
     for i in range(args.repeat):
-        pair = [(baseline, base_t), (plan_cmd, plan_t)]
-        for cmd, bucket in (pair if i % 2 == 0 else pair[::-1]):
-            bucket.append(timed(cmd))
+        order = [(e, c) for e in settings for c in cmds]
+        for e, c in (order if i % 2 == 0 else order[::-1]):
+            times[e][c].append(timed(cmds[c], settings[e]))
+    shutil.rmtree(cache, ignore_errors=True)
+    base_t, plan_t = times["as_is"]["baseline"], times["as_is"]["plan"]
 
     loops = []
     for _ in range(args.loop_repeat):
@@ -155,6 +173,14 @@ def main(argv=None) -> int:
             "plan_s": plan_t,
             "baseline_s": base_t,
             "repeat": args.repeat,
+            "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+            "with_bytecode_cache": {
+                "plan_median_s": statistics.median(times["bytecode"]["plan"]),
+                "baseline_median_s": statistics.median(times["bytecode"]["baseline"]),
+                "ratio": statistics.median(times["bytecode"]["plan"]) / statistics.median(times["bytecode"]["baseline"]),
+                "plan_s": times["bytecode"]["plan"],
+                "baseline_s": times["bytecode"]["baseline"],
+            },
         },
         "plan_100_specs": {
             "specs": 100,
@@ -178,6 +204,10 @@ def main(argv=None) -> int:
     c, p = result["cold_start"], result["plan_100_specs"]
     print(f"python -c 'import pydantic, rich':  {c['baseline_median_s'] * 1000:.0f} ms (median of {args.repeat})")
     print(f"{c['command']}:  {c['plan_median_s'] * 1000:.0f} ms  -> ratio {c['ratio']:.2f}x")
+    bc = c["with_bytecode_cache"]
+    print(f"  with a bytecode cache for peftplan's modules: {bc['plan_median_s'] * 1000:.0f} ms vs "
+          f"{bc['baseline_median_s'] * 1000:.0f} ms -> ratio {bc['ratio']:.2f}x "
+          f"(PYTHONDONTWRITEBYTECODE={c['PYTHONDONTWRITEBYTECODE']} here)")
     print(f"plan 100 catalog specs in one process: {p['total_s_median']:.2f} s total (median of {args.loop_repeat} "
           f"processes), {p['per_spec_median_s'] * 1000:.1f} ms per spec (median), first spec "
           f"{p['first_spec_s'] * 1000:.0f} ms, imports {p['import_s_median'] * 1000:.0f} ms; outcomes {p['outcomes']}")

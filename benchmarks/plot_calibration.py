@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "calibration-cpu.csv"
+CSV_MEDIUM = ROOT / "benchmarks" / "results" / "calibration-cpu-medium.csv"
 PNG = ROOT / "docs" / "calibration.png"
 SUMMARY = ROOT / "docs" / "calibration-summary.md"
 DOC = ROOT / "docs" / "accuracy.md"
@@ -173,21 +174,25 @@ def update_doc(text: str, doc: Path) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", type=Path, default=CSV)
+    ap.add_argument("--csv", type=Path, action="append",
+                    help="calibration tables (default: the small and the medium CPU tables)")
     ap.add_argument("--png", type=Path, default=PNG)
     ap.add_argument("--summary", type=Path, default=SUMMARY)
     ap.add_argument("--update-doc", action="store_true", help=f"replace the marked section of {DOC.name}")
     args = ap.parse_args(argv)
-    rows = load(args.csv)
+    paths = args.csv or [p for p in (CSV, CSV_MEDIUM) if p.exists()]
+    rows = [r for p in paths for r in load(p)]
     if not rows:
-        print(f"no rows with measured and predicted peaks in {args.csv}", file=sys.stderr)
+        print(f"no rows with measured and predicted peaks in {', '.join(map(str, paths))}", file=sys.stderr)
         return 1
     plot(rows, args.png)
-    try:
-        source = args.csv.resolve().relative_to(ROOT)
-    except ValueError:
-        source = args.csv
-    text = summary(rows, str(source))
+    names = []
+    for p in paths:
+        try:
+            names.append(str(p.resolve().relative_to(ROOT)))
+        except ValueError:
+            names.append(str(p))
+    text = summary(rows, "` + `".join(names))
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(text)
     print(text)
