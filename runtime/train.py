@@ -124,19 +124,23 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
-    callbacks = [metrics, PeakMemory(metrics), RichProgress(tokens_per_step)]
-    trainer = _trainer_class()(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
-                               data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
-                               callbacks=callbacks)
+    cls = _trainer_class()
+    guard = cls.NanGuard()
+    callbacks = [guard, metrics, PeakMemory(metrics), RichProgress(tokens_per_step)]
+    trainer = cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
+                  data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
+                  callbacks=callbacks)
+    guard.trainer = trainer
     return trainer, tokenizer, data, metrics
 
 
 def _trainer_class():
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
     class PlanTrainer(Trainer):
-        """Stops at the first non-finite loss without saving it, so the last checkpoint stays good."""
+        """Stops at the first non-finite gradient without applying or saving it, so the last checkpoint
+        stays good. Checked once per optimizer step, before it (a NaN loss gives NaN gradients)."""
 
         nan_step: int | None = None
 
@@ -144,27 +148,31 @@ def _trainer_class():
             ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
             if ids is not None:  # the peak-memory record says which batch shape it measured
                 self.state.last_batch_shape = list(ids.shape)
-            if self.nan_step is not None:  # already stopped: no further updates in this optimizer step
-                return torch.zeros((), device=ids.device if ids is not None else None)
-            loss = super().training_step(model, inputs, *args, **kwargs)
-            finite = bool(torch.isfinite(loss.detach()).all())
-            if finite:  # a finite loss can still give non-finite gradients
-                finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters()
-                             if p.requires_grad and p.grad is not None)
-            if not finite:
-                self.nan_step = self.state.global_step + 1
-                for p in model.parameters():  # the optimizer skips parameters without gradients
-                    p.grad = None
-                self.control.should_training_stop = True
-                self.control.should_save = False
-                return torch.zeros((), device=loss.device)
-            return loss
+            return super().training_step(model, inputs, *args, **kwargs)
 
         def _save_checkpoint(self, *args, **kwargs):
             if self.nan_step is not None:
                 return None
             return super()._save_checkpoint(*args, **kwargs)
 
+    class NanGuard(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            if not grads:
+                return
+            norms = torch._foreach_norm(grads)  # one fused reduction instead of one per tensor
+            if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+                return
+            self.trainer.nan_step = state.global_step + 1
+            for p in model.parameters():  # the optimizer skips parameters without gradients
+                p.grad = None
+            control.should_training_stop = True
+            control.should_save = False
+
+    PlanTrainer.NanGuard = NanGuard
     return PlanTrainer
 
 
