@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark, writing results under benchmarks/results/ (about 10-13 minutes on 2 shared CPU cores).
+# Run every benchmark, writing results under benchmarks/results/ (about 8 minutes on 2 shared CPU cores).
 #
 #   bash benchmarks/run_all.sh            # PYTHON=/path/to/python to use another interpreter
 #

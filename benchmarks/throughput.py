@@ -3,9 +3,9 @@
     python benchmarks/throughput.py [--repeat 5] [--steps 24] [--methods lora,qlora,dora]
                                     [--out benchmarks/results/throughput.json]
 
-One small Llama-style model (hidden 256, 4 layers, intermediate 688, 4 heads / 2 KV heads, the ~770-token
-BPE vocabulary of peftplan.runtime.testing) and one chat dataset with widely spread lengths (the assistant's
-answer is 1 to 22 sentences, log-uniformly: ~25 to 256 tokens) are built offline. For each method the
+One small Llama-style model (hidden 256, 4 layers, intermediate 688, 4 heads / 2 KV heads, the 642-token
+BPE vocabulary of peftplan.runtime.testing) and one chat dataset with widely spread lengths (record
+token lengths log-uniform between 24 and 256, in practice 30 to 253) are built offline. For each method the
 peftplan project is generated from a spec with the same geometry as the reference (micro-batch 4, no
 accumulation, seq_len 256, gradient checkpointing, rank 8 / alpha 16 / dropout 0 on all linear layers,
 the same learning rate and seed; the plan's optimizer, schedule, warmup, logging cadence and precision are

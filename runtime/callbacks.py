@@ -20,7 +20,7 @@ class MetricsFile(TrainerCallback):
 
     def __init__(self, path: Path, tokens_per_step: int, prediction: dict):
         self.path = Path(path)
-        self.tokens_per_step = tokens_per_step  # sequence slots per optimizer step, across devices
+        self.tokens_per_step = tokens_per_step  # real (non-padding) tokens per optimizer step, across devices
         self.prediction = prediction
         self._t0 = None
         self._step0 = 0

@@ -91,7 +91,11 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
     model = load_model(model_path, setup, device_map=device_map)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tokens_per_step = t["micro_batch_size"] * t["gradient_accumulation_steps"] * config.data["seq_len"] * world
+    from .data import token_stats
+
+    # real (non-padding) tokens per optimizer step: the mean example length, not the padded slots
+    mean_tokens = token_stats(data.train).mean_tokens or config.data["seq_len"]
+    tokens_per_step = int(t["micro_batch_size"] * t["gradient_accumulation_steps"] * mean_tokens * world)
     out = config.output_dir
     metrics = MetricsFile(out / "metrics.jsonl", tokens_per_step, config.prediction)
     precision = t["precision"]
