@@ -134,7 +134,11 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
         raise SpecError([Problem("data.path", "required for generate: the training data file (JSONL, JSON, CSV or Parquet)")])
     data_path = Path(spec.data.path).expanduser()
     data_path = (data_path if data_path.is_absolute() else spec_path.parent / data_path).resolve()
-    if not data_path.exists():
+    raw = spec.data.path
+    hub_id = raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix
+    if hub_id and not data_path.exists():
+        data_path = raw  # a hub dataset by name: the runtime fetches it when online
+    elif not data_path.exists():
         raise SpecError([Problem("data.path", f"{data_path} does not exist")])
     hp = result.hyperparameters
     g = c.setup.geometry

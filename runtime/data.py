@@ -42,6 +42,8 @@ def load_records(path: str | Path) -> list[Record]:
     """Read every record of a local .jsonl / .json / .csv / .parquet file; DataError if unreadable or empty."""
     p = Path(path)
     if not p.exists():
+        if _looks_like_hub_id(str(path)):
+            return _read_hub(str(path))
         raise DataError(f"{p}: file not found")
     if not p.is_file():
         raise DataError(f"{p}: not a file")
@@ -55,6 +57,28 @@ def load_records(path: str | Path) -> list[Record]:
     if not records:
         raise DataError(f"{p}: no records (the dataset is empty)")
     return records
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in Path(name).suffix
+
+
+def _read_hub(name: str) -> list[Record]:
+    """A hub dataset by name (`org/name`, its train split), when online and `datasets` is installed."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        raise DataError(f"{name}: not a local file, and HF_HUB_OFFLINE is set: the hub dataset cannot be fetched")
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"{name}: not a local file; to read it as a hub dataset, pip install datasets") from None
+    try:
+        ds = load_dataset(name, split="train")
+    except Exception as exc:  # noqa: BLE001 - any hub failure is the user's input problem here
+        raise DataError(f"{name}: cannot load the hub dataset: {exc}") from None
+    return [Record(dict(row), name, f"record index {i}") for i, row in enumerate(ds)]
 
 
 def _read_jsonl(p: Path) -> list[Record]:

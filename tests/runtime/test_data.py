@@ -433,3 +433,15 @@ def test_prepare_data_end_to_end(tok, tmp_path):
     assert len(unpacked.train) == 16 and len(unpacked.eval) == 4
     ev = D.prepare_data(path, tok, seq_len=512, eval_path=T.write_dataset(tmp_path / "e.jsonl", "chat", 3))
     assert len(ev.train) == 20 and len(ev.eval) == 3
+
+
+def test_hub_dataset_name_offline_is_a_clear_error(monkeypatch):
+    from peftplan.runtime.data import DataError, load_records
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as exc:
+        load_records("someorg/some-dataset")
+    assert "someorg/some-dataset" in str(exc.value) and "HF_HUB_OFFLINE" in str(exc.value)
+    with pytest.raises(DataError) as exc:  # a missing local file is still "file not found"
+        load_records("missing/file.jsonl")
+    assert "file not found" in str(exc.value)
