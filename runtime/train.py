@@ -130,7 +130,9 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
     )
     cls = _trainer_class()
     guard = cls.NanGuard()
-    callbacks = [guard, metrics, PeakMemory(metrics), RichProgress(tokens_per_step)]
+    callbacks = [guard, metrics, PeakMemory(metrics)]
+    if sys.stdout.isatty():  # a live line for people; logs and CI get the Trainer's plain log lines
+        callbacks.append(RichProgress(tokens_per_step))
     trainer = cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
                   data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
                   callbacks=callbacks)
