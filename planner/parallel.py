@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import assumptions as A
 from .memory import NOT_ALLOCATED, MemoryEstimate, overhead_terms
 from .terms import Setup, Term
 

@@ -16,7 +16,7 @@ def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None)
     from transformers import AutoTokenizer
 
     from .data import DataCollator, prepare_data
-    from .model import MethodSetup, load_model
+    from .model import MethodSetup
 
     config = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -8,7 +8,6 @@ created; the adapter is saved with the tokenizer and its chat template.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -64,7 +63,7 @@ def _readable_safetensors(path: Path) -> bool:
 
 def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
     import torch
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, TrainingArguments, set_seed
 
     from .callbacks import MetricsFile, PeakMemory, RichProgress
     from .data import DataCollator, prepare_data

@@ -4,27 +4,16 @@ offline Hugging Face cache, and spec helpers.
 
 from __future__ import annotations
 
-import ast
 import contextlib
-import copy
 import io
 import json
-import math
-import os
 import re
-import shlex
-import shutil
-import subprocess
-import sys
-import tomllib
 from pathlib import Path
 
 import pytest
 import tomli_w
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 from peftplan.cli import main  # noqa: E402
 from peftplan.schemas import Spec  # noqa: E402

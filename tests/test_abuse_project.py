@@ -9,11 +9,7 @@ Hugging Face cache. The tests that load models start the generated project's `tr
 from __future__ import annotations
 
 import ast
-import contextlib
-import copy
-import io
 import json
-import math
 import os
 import re
 import shlex
@@ -24,14 +20,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import tomli_w
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-from peftplan.cli import main  # noqa: E402
-from peftplan.schemas import Spec  # noqa: E402
 
 from abuse_support import (  # noqa: F401 - fixtures and helpers shared by the abuse tests
     ROOT,

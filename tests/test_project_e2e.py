@@ -169,8 +169,6 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(workspace):
     assert not (killed / "outputs" / "final").exists()  # it really was interrupted
     out = train(killed, "--resume")
     assert "resuming from" in out.stdout
-    a = json.loads((straight / "outputs" / "final" / "trainer_state.json").read_text()
-                   if (straight / "outputs" / "final" / "trainer_state.json").exists() else "{}")
     state_s = json.loads(sorted((straight / "outputs").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
                          .joinpath("trainer_state.json").read_text())
     state_k = json.loads(sorted((killed / "outputs").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]

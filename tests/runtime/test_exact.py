@@ -1,6 +1,5 @@
 """Exact mode (a traced step on fake tensors) against the closed form, and against a real measured step."""
 
-from dataclasses import replace
 
 import pytest
 
