@@ -49,6 +49,25 @@ def last_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def _checkpoint_is_final(ckpt: Path) -> bool:
+    import json
+
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+def _install_checkpoint_weights(ckpt: Path, final: Path, trainer) -> None:
+    """The last checkpoint already holds the trained weights: copy them (and their configs) to `final`."""
+    import shutil
+
+    if not trainer.is_world_process_zero():
+        return
+    final.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.suffix == ".safetensors" or f.name.endswith("config.json") or f.name == "README.md":
+            shutil.copy2(f, final / f.name)
+
+
 def _readable_safetensors(path: Path) -> bool:
     try:
         from safetensors import safe_open
@@ -215,8 +234,13 @@ def main(argv=None, default_config: Path | None = None) -> int:
         if resume is None:
             print(f"error: --resume: no usable checkpoint in {config.output_dir}", file=sys.stderr)
             return EXIT_INPUT
-        print(f"resuming from {resume}")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"resuming from {resume}")
+    finished = resume is not None and _checkpoint_is_final(resume)
+    if finished:  # killed after the last step, before the final save: finish it, do not train a step more
+        _install_checkpoint_weights(resume, config.output_dir / "final", trainer)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.nan_step is not None:
         good = last_checkpoint(config.output_dir)
         print(f"error: the loss became NaN/inf at step {trainer.nan_step}; training stopped. The last good "
@@ -224,8 +248,9 @@ def main(argv=None, default_config: Path | None = None) -> int:
               file=sys.stderr)
         return EXIT_NAN
     final = config.output_dir / "final"
-    trainer.save_model(str(final))  # every rank: under FSDP the full state dict is gathered collectively;
-    # the Trainer writes it (the adapter, or the full model, as safetensors) once, on the main process
+    if not finished:
+        trainer.save_model(str(final))  # every rank: under FSDP the full state dict is gathered collectively;
+        # the Trainer writes it (the adapter, or the full model, as safetensors) once, on the main process
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))  # with its chat template
         from .plot import plot_loss

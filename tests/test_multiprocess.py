@@ -116,6 +116,43 @@ def test_adapter_saved_once_and_loads_in_one_process(runs, par):
     assert model(input_ids=ids).logits.isfinite().all()
 
 
+@pytest.mark.slow
+def test_ddp_killed_after_a_checkpoint_resumes_to_the_same_run(runs):
+    """SIGKILL the whole two-process job once a checkpoint exists, then `peftplan run --resume`: the logged
+    losses after the resume point and the final adapter match the uninterrupted DDP run (fp32, same seed
+    and batches; 1e-4 covers reduction order only)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    root = runs["ddp"].parent
+    proj = root / "ddp-killed"
+    gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(root / "ddp.toml"), "-o", str(proj)],
+                         capture_output=True, text=True, env=ENV)
+    assert gen.returncode == 0, gen.stderr
+    job = subprocess.Popen([sys.executable, "-m", "peftplan", "run", str(proj)], env=ENV, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (proj / "outputs" / "checkpoint-4" / "trainer_state.json").exists():
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    job.wait()
+    assert not (proj / "outputs" / "final").exists()
+    run = subprocess.run([sys.executable, "-m", "peftplan", "run", str(proj), "--resume"], capture_output=True,
+                         text=True, env=ENV, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("resuming from") == 1  # printed by the main process only
+    one = {r["step"]: r["loss"] for r in metrics(runs["ddp"]) if "loss" in r and "event" not in r}
+    two = {r["step"]: r["loss"] for r in metrics(proj) if "loss" in r and "event" not in r}
+    assert max(two) == max(one) == 8
+    for step in range(5, 9):
+        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+    a = load_file(runs["ddp"] / "outputs" / "final" / "adapter_model.safetensors")
+    b = load_file(proj / "outputs" / "final" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 def test_generated_launch_files(runs):
     import tomllib
 
