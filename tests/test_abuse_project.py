@@ -1,9 +1,8 @@
 """Abuse, part 2: hostile strings in every field that reaches a generated project, odd output
 paths, and models that want to run code (custom `auto_map` code, pickled weights).
 
-The fuzzing and injection tests run the CLI in-process (`peftplan.cli.main`), offline, with an empty
-Hugging Face cache. The tests that load models start the generated project's `train.py` in subprocesses
-(marked slow).
+Injection tests compare a project generated from hostile strings with a benign twin; the tests that load
+models start the generated project's `train.py` in subprocesses (marked slow).
 """
 
 from __future__ import annotations
@@ -24,19 +23,12 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 
 
-from abuse_support import (  # noqa: F401 - fixtures and helpers shared by the abuse tests
-    ROOT,
-    EXAMPLES,
+from abuse_support import offline_empty_hf_cache  # noqa: F401 - an autouse fixture: offline, empty HF cache
+from abuse_support import (  # helpers shared by the abuse tests
     TINY_CONFIG,
-    PY_EXCEPTION,
-    METHODS,
     SUBPROCESS_ENV_EXTRA,
-    offline_empty_hf_cache,
     cli,
-    _no_constant,
     check_cli,
-    _spec_text,
-    spec_keys,
     write_spec,
 )
 

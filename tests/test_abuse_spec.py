@@ -1,8 +1,7 @@
 """Abuse, part 1: fuzzed and mutated specs through validate, estimate and plan; keys rendered safely.
 
-The fuzzing and injection tests run the CLI in-process (`peftplan.cli.main`), offline, with an empty
-Hugging Face cache. The tests that load models start the generated project's `train.py` in subprocesses
-(marked slow).
+The CLI runs in-process (`peftplan.cli.main`), offline, with an empty Hugging Face cache; hypothesis
+generates the specs.
 """
 
 from __future__ import annotations
@@ -20,18 +19,14 @@ from hypothesis import strategies as st  # noqa: E402
 
 from peftplan.schemas import Spec  # noqa: E402
 
-from abuse_support import (  # noqa: F401 - fixtures and helpers shared by the abuse tests
+from abuse_support import offline_empty_hf_cache  # noqa: F401 - an autouse fixture: offline, empty HF cache
+from abuse_support import (  # helpers shared by the abuse tests
     ROOT,
     EXAMPLES,
     TINY_CONFIG,
-    PY_EXCEPTION,
     METHODS,
-    SUBPROCESS_ENV_EXTRA,
-    offline_empty_hf_cache,
     cli,
-    _no_constant,
     check_cli,
-    _spec_text,
     spec_keys,
     write_spec,
 )

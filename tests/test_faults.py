@@ -22,10 +22,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from support import OFFLINE_ENV, cpu_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
-       "PYTHONDONTWRITEBYTECODE": "1"}
+ENV = {**OFFLINE_ENV, "PYTHONDONTWRITEBYTECODE": "1"}
 ENV.pop("PEFTPLAN_DEBUG", None)
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -33,29 +33,6 @@ TINY_CONFIG = {
     "max_position_embeddings": 1024, "vocab_size": 642, "tie_word_embeddings": False, "rms_norm_eps": 1e-6,
     "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }
-SPEC = """\
-[model]
-name = "{model}"
-[data]
-path = "data.jsonl"
-num_examples = {n}
-seq_len = 64
-[hardware]
-gpu = "cpu"
-memory_gib = 8
-[method]
-name = "lora"
-rank = 4
-alpha = 8
-dropout = 0.0
-[training]
-micro_batch_size = 4
-gradient_accumulation_steps = 1
-learning_rate = {lr}
-epochs = 1
-save_steps = {save}
-gradient_checkpointing = false
-"""
 
 
 def generate(spec: Path, out: Path, *extra: str, preexec=None, timeout=60) -> subprocess.CompletedProcess:
@@ -88,8 +65,10 @@ def ws(tmp_path_factory) -> Path:
     (d / "model").mkdir()
     (d / "model" / "config.json").write_text(json.dumps(TINY_CONFIG))
     (d / "data.jsonl").write_text('{"text": "hello world"}\n' * 8)
-    (d / "spec.toml").write_text(SPEC.format(model=d / "model", n=32, lr=1e-3, save=2))
-    (d / "spec-b.toml").write_text(SPEC.format(model=d / "model", n=32, lr=5e-4, save=2))
+    (d / "spec.toml").write_text(cpu_spec(model=d / "model", num_examples=32, rank=4, alpha=8, learning_rate=1e-3,
+                                           save_steps=2, gradient_checkpointing=False))
+    (d / "spec-b.toml").write_text(cpu_spec(model=d / "model", num_examples=32, rank=4, alpha=8, learning_rate=5e-4,
+                                             save_steps=2, gradient_checkpointing=False))
     ref = d / "reference"
     proc = generate(d / "spec.toml", ref)
     assert proc.returncode == 0, proc.stderr
@@ -400,8 +379,10 @@ def training(tmp_path_factory):
     # the quickstart's geometry: at learning rate 1e6 its gradients overflow one step before the loss does
     build_tiny_model(root / "model", family="llama", hidden_size=128, intermediate_size=256)
     write_dataset(root / "data.jsonl", "chat", 32)
-    (root / "good.toml").write_text(SPEC.format(model="model", n=32, lr=2e-3, save=2))
-    (root / "nan.toml").write_text(SPEC.format(model="model", n=32, lr=1e6, save=1))
+    (root / "good.toml").write_text(cpu_spec(num_examples=32, rank=4, alpha=8, learning_rate=2e-3, save_steps=2,
+                                              gradient_checkpointing=False))
+    (root / "nan.toml").write_text(cpu_spec(num_examples=32, rank=4, alpha=8, learning_rate=1e6, save_steps=1,
+                                             gradient_checkpointing=False))
     for name in ("good", "nan"):
         proc = generate(root / f"{name}.toml", root / name)
         assert proc.returncode == 0, proc.stderr

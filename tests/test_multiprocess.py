@@ -18,36 +18,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import OFFLINE_ENV, cpu_spec
 
 torch = pytest.importorskip("torch", reason="needs the [train] extra")
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-SPEC = """\
-[model]
-name = "model"
-[data]
-path = "data.jsonl"
-num_examples = 200
-seq_len = 64
-[hardware]
-gpu = "{gpu}"
-memory_gib = 8
-count = {count}
-[method]
-name = "lora"
-rank = 8
-alpha = 16
-dropout = 0.0
-[training]
-micro_batch_size = 4
-gradient_accumulation_steps = {ga}
-gradient_checkpointing = false
-learning_rate = 1e-3
-epochs = 1
-max_steps = 8
-save_steps = 4
-parallelism = "{par}"
-"""
+ENV = OFFLINE_ENV
 
 
 CUDA = torch.cuda.is_available()
@@ -66,7 +41,9 @@ def runs(tmp_path_factory):
     cases = [("single", 1, 2, "single"), ("ddp", 2, 1, "ddp")] + ([("fsdp", 2, 1, "fsdp")] if CUDA else [])
     for name, count, ga, par in cases:
         spec = root / f"{name}.toml"
-        spec.write_text(SPEC.format(count=count, ga=ga, par=par, gpu="A10G" if CUDA else "cpu"))
+        spec.write_text(cpu_spec(num_examples=200, gpu="A10G" if CUDA else "cpu", count=count, learning_rate=1e-3,
+                                 gradient_accumulation_steps=ga, gradient_checkpointing=False, max_steps=8,
+                                 save_steps=4, parallelism=par))
         proj = root / name
         gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(spec), "-o", str(proj)],
                              capture_output=True, text=True, env=ENV)

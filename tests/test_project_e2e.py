@@ -5,7 +5,6 @@ training processes (a few seconds each); they need the [train] extra.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,36 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support import OFFLINE_ENV, cpu_spec
 
 torch = pytest.importorskip("torch", reason="needs the [train] extra")
 pytest.importorskip("peft", reason="needs the [train] extra")
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = OFFLINE_ENV
 
-SPEC = """\
-[model]
-name = "model"
-[data]
-path = "data.jsonl"
-num_examples = 96
-seq_len = 64
-[hardware]
-gpu = "cpu"
-memory_gib = 8
-[method]
-name = "{method}"
-rank = 8
-alpha = 16
-dropout = 0.0
-[training]
-micro_batch_size = 4
-gradient_accumulation_steps = 1
-learning_rate = {lr}
-epochs = 1
-save_steps = 4
-gradient_checkpointing = {gc}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +34,8 @@ def workspace(tmp_path_factory):
 
 def generate(workspace: Path, method: str, name: str, gc: bool = False, lr: float = 2e-3) -> Path:
     spec = workspace / f"{name}.toml"
-    spec.write_text(SPEC.format(method=method, lr=lr, gc=str(gc).lower()))
+    spec.write_text(cpu_spec(num_examples=96, method=method, learning_rate=lr, save_steps=4,
+                             gradient_checkpointing=gc))
     out = workspace / name
     proc = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(spec), "-o", str(out)],
                           capture_output=True, text=True, env=ENV)
