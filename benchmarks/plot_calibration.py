@@ -16,6 +16,7 @@ import csv
 import statistics
 import sys
 from pathlib import Path
+from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "calibration-cpu.csv"
@@ -161,15 +162,7 @@ def summary(rows: list[dict], source: str) -> str:
 
 
 def update_doc(text: str, doc: Path) -> bool:
-    if not doc.exists():
-        return False
-    body = doc.read_text()
-    if BEGIN not in body or END not in body:
-        return False
-    head, rest = body.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
-    return True
+    return replace_section(doc, BEGIN, END, text)
 
 
 def main(argv=None) -> int:

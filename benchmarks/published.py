@@ -28,6 +28,7 @@ from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_f
 from peftplan.planner import assumptions as A
 from peftplan.planner.catalog import find_model
 from peftplan.planner.shapes import UnsupportedArchitecture
+from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "published_measurements.toml"
@@ -441,15 +442,7 @@ def markdown(recs: list[dict]) -> str:
 
 
 def update_doc(section: str, doc: Path) -> bool:
-    if not doc.exists():
-        return False
-    text = doc.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
-    return True
+    return replace_section(doc, BEGIN, END, section)
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 METHODS = ("full", "lora", "qlora", "dora", "qdora")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
@@ -122,7 +121,3 @@ def resolve_path(config: RunConfig, value: str) -> str:
         return str(local)
     return value
 
-
-def as_dict(config: RunConfig) -> dict[str, Any]:
-    return {"model": config.model, "method": config.method, "data": config.data, "training": config.training,
-            "output_dir": str(config.output_dir)}

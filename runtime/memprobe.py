@@ -83,15 +83,6 @@ def model_tensors(model) -> list[torch.Tensor]:
     return out
 
 
-def unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
-
-
 def rss_high_water_reset() -> None:
     """Reset the process's peak RSS (VmHWM) on Linux."""
     try:
