@@ -100,8 +100,8 @@ def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str
         pars = ["single"]
     elif t.parallelism != "auto":
         pars = [t.parallelism]
-    elif dev.is_cpu:  # accelerate enables FSDP / DeepSpeed only on accelerator backends
-        pars = ["single", "ddp"]
+    elif dev.is_cpu:  # gloo runs DDP and FSDP (runtime/cpu_fsdp.py); DeepSpeed needs an accelerator
+        pars = ["single", "ddp", "fsdp"]
     else:
         pars = list(PARALLELISMS)
     topo = topology(dev, report.hardware.count, report.hardware.nodes, spec.hardware.network_gbps)
@@ -113,6 +113,8 @@ def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str
             for opt in opts:
                 for par in pars:
                     used = 1 if par == "single" else devices
+                    if not t.micro_batch_size and mb > 1 and mb * used > effective:
+                        continue  # the global batch would exceed the effective batch size
                     accumulation = t.gradient_accumulation_steps or accumulation_for(effective, mb, used)
                     geometry = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc,
                                        gradient_accumulation_steps=accumulation)

@@ -60,6 +60,16 @@ def current_memory() -> int | None:
     return rss_bytes()
 
 
+def local_parameter_fraction(model) -> float:
+    """The share of the model's parameter elements this process holds: 1.0 unsharded, about 1/N under FSDP
+    over N processes (its parameters are DTensors whose local shards are what this rank stores)."""
+    full = local = 0
+    for p in model.parameters():
+        full += p.numel()
+        local += (p.to_local() if hasattr(p, "to_local") else p).numel()
+    return round(local / full, 4) if full else 1.0
+
+
 class PeakMemory(TrainerCallback):
     """Measures one steady-state optimizer step (the second: optimizer state exists) and records it.
 
@@ -71,12 +81,15 @@ class PeakMemory(TrainerCallback):
         self.metrics = metrics
         self.measure_step = measure_step
         self._mode = None
+        self._local_fraction = None
         self.result: dict | None = None
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
         if state.global_step != self.measure_step or self.result is not None:
             return
         import torch
+
+        self._local_fraction = local_parameter_fraction(model) if model is not None else None
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -112,6 +125,7 @@ class PeakMemory(TrainerCallback):
         shape = getattr(state, "last_batch_shape", None)
         self.result = {"event": "peak_memory", "step": state.global_step, **measured,
                        "measured_batch_shape": shape,
+                       "parameters_held_locally": self._local_fraction,
                        "note": "the prediction is for full rows of seq_len tokens; padded batches shorter than "
                                "that use less",
                        "predicted_peak_allocated_bytes": predicted,

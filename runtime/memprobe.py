@@ -40,6 +40,10 @@ class LiveTensorBytes(TorchDispatchMode):
     def _track(self, t: torch.Tensor):
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             return
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass (FSDP2's DTensor shards): count what it holds
+            for name in t.__tensor_flatten__()[0]:
+                self._track(getattr(t, name))
+            return
         try:
             st = t.untyped_storage()
             ptr, nbytes = st._cdata, st.nbytes()

@@ -146,6 +146,10 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
+    if config.launch.get("parallelism") == "fsdp" and not cuda:
+        from .cpu_fsdp import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     cls = _trainer_class()
     guard = cls.NanGuard()
     callbacks = [guard, metrics, PeakMemory(metrics)]

@@ -1,8 +1,9 @@
 """Two processes through accelerate launch against a single process with the same global batch
-(2 × micro-batch 4 vs micro-batch 4 × accumulation 2): data parallelism on the CPU (gloo), and FSDP where
-accelerate can run it. accelerate 1.15 turns FSDP on only over accelerator backends (its state.py sets
-DistributedType.FSDP inside the MULTI_GPU/NPU/XPU branch; on CPUs it stays MULTI_CPU, i.e. plain DDP),
-so the FSDP cases need CUDA and are skipped without it.
+(2 × micro-batch 4 vs micro-batch 4 × accumulation 2): data parallelism and FSDP (FSDP2, full shard), on the
+CPU over gloo. accelerate 1.15 switches to FSDP only on accelerator backends; the runtime's
+`cpu_fsdp.allow_fsdp_on_cpu` finishes that switch on CPUs, so these runs go through accelerate's own FSDP2
+wrapping, sharding and full-state-dict gathering — the test checks the run really is FSDP (parameters are
+DTensors sharded over both ranks), not DDP under another name.
 
 Why the trajectories must agree: accelerate hands rank r the micro-batches r, r+2, … of the same seeded
 sampler that the single process walks through in order, so optimizer step k sees the same 8 examples
@@ -26,8 +27,8 @@ ENV = OFFLINE_ENV
 
 
 CUDA = torch.cuda.is_available()
-PARS = ["ddp", pytest.param("fsdp", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not CUDA, reason="GPU-only: accelerate enables FSDP only on accelerator backends, not on CPU (gloo)")])]
+PARS = ["ddp", "fsdp", "fsdp-qlora"]  # each against the single-process run of its method
+SINGLE = {"ddp": "single", "fsdp": "single", "fsdp-qlora": "single-qlora"}
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,13 @@ def runs(tmp_path_factory):
     build_tiny_model(root / "model", family="llama", hidden_size=64, intermediate_size=128)
     write_dataset(root / "data.jsonl", "chat", 200)
     out = {}
-    cases = [("single", 1, 2, "single"), ("ddp", 2, 1, "ddp")] + ([("fsdp", 2, 1, "fsdp")] if CUDA else [])
-    for name, count, ga, par in cases:
+    cases = [("single", 1, 2, "single", "lora"), ("ddp", 2, 1, "ddp", "lora"), ("fsdp", 2, 1, "fsdp", "lora"),
+             ("single-qlora", 1, 2, "single", "qlora"), ("fsdp-qlora", 2, 1, "fsdp", "qlora")]
+    for name, count, ga, par, method in cases:
         spec = root / f"{name}.toml"
         spec.write_text(cpu_spec(num_examples=200, gpu="A10G" if CUDA else "cpu", count=count, learning_rate=1e-3,
-                                 gradient_accumulation_steps=ga, gradient_checkpointing=False, max_steps=8,
-                                 save_steps=4, parallelism=par))
+                                 method=method, gradient_accumulation_steps=ga, gradient_checkpointing=False,
+                                 max_steps=8, save_steps=4, parallelism=par))
         proj = root / name
         gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(spec), "-o", str(proj)],
                              capture_output=True, text=True, env=ENV)
@@ -64,8 +66,11 @@ def metrics(proj: Path) -> list[dict]:
 def test_two_processes_match_one_with_the_same_global_batch(runs, par):
     start = next(r for r in metrics(runs[par]) if r.get("event") == "start")
     assert start["world_size"] == 2
-    assert start["fsdp"] == (par == "fsdp")
-    one = {r["step"]: r["loss"] for r in metrics(runs["single"]) if "loss" in r and "event" not in r}
+    assert start["fsdp"] == par.startswith("fsdp")
+    # FSDP really shards: each rank stores about half of every parameter (DTensor local shards)
+    peak = next(r for r in metrics(runs[par]) if r.get("event") == "peak_memory")
+    assert peak["parameters_held_locally"] == (pytest.approx(0.5, abs=0.02) if par.startswith("fsdp") else 1.0)
+    one = {r["step"]: r["loss"] for r in metrics(runs[SINGLE[par]]) if "loss" in r and "event" not in r}
     two = {r["step"]: r["loss"] for r in metrics(runs[par]) if "loss" in r and "event" not in r}
     assert sorted(one) == sorted(two) and len(one) >= 8
     for step in one:
@@ -84,7 +89,7 @@ def test_adapter_saved_once_and_loads_in_one_process(runs, par):
     files = list(final.glob("*.safetensors"))
     assert [f.name for f in files] == ["adapter_model.safetensors"]  # one file, not one per rank
     a = load_file(files[0])
-    b = load_file(runs["single"] / "outputs" / "final" / "adapter_model.safetensors")
+    b = load_file(runs[SINGLE[par]] / "outputs" / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
     base = AutoModelForCausalLM.from_pretrained(runs[par].parent / "model", dtype=torch.float32)
@@ -94,18 +99,20 @@ def test_adapter_saved_once_and_loads_in_one_process(runs, par):
 
 
 @pytest.mark.slow
-def test_ddp_killed_after_a_checkpoint_resumes_to_the_same_run(runs):
+@pytest.mark.parametrize("par", ["ddp", "fsdp"])
+def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     """SIGKILL the whole two-process job once a checkpoint exists, then `peftplan run --resume`: the logged
-    losses after the resume point and the final adapter match the uninterrupted DDP run (fp32, same seed
+    losses after the resume point and the final adapter match the uninterrupted run (under FSDP the checkpoint holds the gathered
+    adapter and accelerate's sharded optimizer state) (fp32, same seed
     and batches; 1e-4 covers reduction order only)."""
     import signal
     import time
 
     from safetensors.torch import load_file
 
-    root = runs["ddp"].parent
-    proj = root / "ddp-killed"
-    gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(root / "ddp.toml"), "-o", str(proj)],
+    root = runs[par].parent
+    proj = root / f"{par}-killed"
+    gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(root / f"{par}.toml"), "-o", str(proj)],
                          capture_output=True, text=True, env=ENV)
     assert gen.returncode == 0, gen.stderr
     job = subprocess.Popen([sys.executable, "-m", "peftplan", "run", str(proj)], env=ENV, start_new_session=True,
@@ -120,12 +127,12 @@ def test_ddp_killed_after_a_checkpoint_resumes_to_the_same_run(runs):
                          text=True, env=ENV, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("resuming from") == 1  # printed by the main process only
-    one = {r["step"]: r["loss"] for r in metrics(runs["ddp"]) if "loss" in r and "event" not in r}
+    one = {r["step"]: r["loss"] for r in metrics(runs[par]) if "loss" in r and "event" not in r}
     two = {r["step"]: r["loss"] for r in metrics(proj) if "loss" in r and "event" not in r}
     assert max(two) == max(one) == 8
     for step in range(5, 9):
         assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
-    a = load_file(runs["ddp"] / "outputs" / "final" / "adapter_model.safetensors")
+    a = load_file(runs[par] / "outputs" / "final" / "adapter_model.safetensors")
     b = load_file(proj / "outputs" / "final" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
