@@ -109,7 +109,11 @@ def _exact(report, quiet: bool):
         report = replace(report, resolved=replace(report.resolved, notes=report.resolved.notes + (note,)))
     extra = ("exact mode: one forward+backward traced on fake tensors with PyTorch's CPU kernels (unpadded batch);"
              " bitsandbytes 4-bit storage and optimizer state added analytically",)
-    return replace(report, estimates=out, resolved=replace(report.resolved, notes=report.resolved.notes + extra))
+    if report.devices > 1:
+        extra += (f"exact mode traces one device without sharding: these are single-device numbers, not per device "
+                  f"over {report.devices}; the closed form (without --exact) gives the per-device ones",)
+    return replace(report, estimates=out, parallelism={m: "single" for m in out},
+                   resolved=replace(report.resolved, notes=report.resolved.notes + extra))
 
 
 def cmd_schema(args) -> int:

@@ -25,6 +25,12 @@ AUTOCAST = True
 # GradScaler refuses fp16 parameters, so there weights stay fp32 (master weights) under fp16 autocast.
 FULL_FT_MASTER_FP32_WITH_FP16 = True
 
+# FSDP2 through accelerate (fsdp2_prepare_model): with mixed precision on and no 4-bit weights, trainable
+# parameters in 16-bit are upcast to fp32 before sharding, so full fine-tuning under FSDP keeps fp32
+# sharded weights, gradients and AdamW state (16 bytes/param / N), and all-gathers in the compute dtype.
+# Measured on CPU (benchmarks/calibrate_parallel.py): the static bytes are exactly twice the bf16 ones.
+FSDP_UPCASTS_TRAINABLE = True
+
 # 4-bit NF4 storage (bitsandbytes Params4bit): two weights per byte, one absmax per block of 64.
 # Double quantization stores each absmax as uint8 plus one fp32 absmax per 256 absmax values,
 # and every quantized tensor carries a 16-entry fp32 NF4 code, a 256-entry fp32 code for the

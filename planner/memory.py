@@ -39,6 +39,7 @@ class MemoryEstimate:
     phase: str  # the moment the peak happens
     terms: tuple[Term, ...]  # the terms that make up the peak (and the overhead)
     phases: dict = field(default_factory=dict)  # bytes at each moment (peak_allocated candidates)
+    phase_terms: dict = field(default_factory=dict)  # the non-static terms of each moment (planner.parallel)
 
     def components(self) -> dict[str, int]:
         out = {name: 0 for name in COMPONENTS}
@@ -149,6 +150,7 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         phase=phase,
         terms=tuple(terms),
         phases={k: v + sum(int(t.bytes) for t in static) for k, v in totals.items()},
+        phase_terms={k: tuple(v) for k, v in phases.items()},
     )
 
 

@@ -1,29 +1,43 @@
 """Per-device memory and communication time under data parallelism, FSDP and DeepSpeed ZeRO-2/3.
 
 Starts from the single-device estimate (the same runtime, the same activations: every device runs its
-own micro-batch) and re-shards the static terms over N = devices per node × nodes:
+own micro-batch), re-shards the static terms over N = devices per node × nodes and re-evaluates each
+moment of the step (loss, inside a layer's backward, optimizer step) with the buffers the engine adds
+there, keeping the largest:
 
 | parallelism      | weights   | trainable + grads          | optimizer state           | extra buffers |
 |------------------|-----------|----------------------------|---------------------------|---------------|
 | ddp              | W         | full; + gradient buckets    | full                      | DDP buckets = gradients (gradient_as_bucket_view off) |
-| fsdp (full shard)| W/N       | /N                         | /N                        | 2 layers gathered (forward prefetch) + one layer's reduce-scatter |
+| fsdp (FSDP2)     | W/N       | /N                         | /N                        | at the loss: the lm_head unit; in backward: 2 layers (current + prefetched), + one layer's unsharded grads (full FT) |
 | deepspeed-zero2  | W         | weights full, grads /N     | fp32 master + states, /N  | reduce bucket (h² elements) |
 | deepspeed-zero3  | W/N       | /N                         | fp32 master + states, /N  | prefetch bucket (0.9·h²) + one layer gathered |
 
-FSDP and ZeRO-3 shard the frozen base too (for QLoRA with FSDP, the 4-bit weights are stored in the
-compute dtype — bnb_4bit_quant_storage — so they can be sharded; the bytes are unchanged). DeepSpeed
-keeps an fp32 master copy of every trainable parameter in its optimizer (Rajbhandari et al. 2020:
-16 bytes/param of model states for mixed-precision Adam = 2 weights + 2 grads + 12 optimizer).
+FSDP follows accelerate 1.15's fsdp2_prepare_model, measured on two CPU ranks
+(benchmarks/calibrate_parallel.py): one unit per decoder layer (resharded after forward); the input
+embeddings their own unit when untied (freed after use); a tail unit of final norm + lm_head (+ the
+embeddings when tied) kept from the lm_head's forward through its backward; the root holding the rest.
+Under bf16/fp16 mixed precision accelerate upcasts trainable 16-bit parameters to fp32 before sharding
+(full fine-tuning: fp32 weights, gradients and AdamW state, 16 bytes/param / N) and FSDP's policy runs the
+fp32 adapters in the compute dtype, which changes what they save (Setup.adapters_in_compute_dtype).
+FSDP and ZeRO-3 shard the frozen base too (for QLoRA, the 4-bit weights are stored in the compute dtype —
+bnb_4bit_quant_storage — so they can be sharded; the bytes are unchanged). DeepSpeed keeps an fp32
+master copy of every trainable parameter in its optimizer (Rajbhandari et al. 2020: 16 bytes/param of
+model states for mixed-precision Adam = 2 weights + 2 grads + 12 optimizer); its terms are not measured
+here (DeepSpeed needs an accelerator).
 Communication per optimizer step (ring collectives, Thakur et al. 2005): all-reduce 2(N−1)/N·bytes,
 all-gather and reduce-scatter (N−1)/N·bytes each, over the slowest link on the ring.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .memory import NOT_ALLOCATED, MemoryEstimate, overhead_terms
+from . import assumptions as A
+from .memory import NOT_ALLOCATED, MemoryEstimate, estimate, overhead_terms
+from .methods import METHODS
 from .terms import Setup, Term
+
+STATIC = ("weights", "quant_constants", "adapter", "optimizer", "paged_optimizer")
 
 PARALLELISMS = ("single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 DEFAULT_NETWORK_GBPS = 12.5  # between nodes, per node: 100 Gb/s Ethernet, a common cloud default
@@ -54,56 +68,104 @@ def layer_weight_bytes(s: Setup, quantized: bool) -> int:
     return per // 2 if quantized else per * s.compute_bytes
 
 
+def tail_weight_bytes(s: Setup) -> int:
+    """accelerate's FSDP2 tail unit, the lm_head and final norm (with the embeddings when tied), in the compute
+    dtype (never quantized): gathered from the lm_head's forward until its backward has run."""
+    sh = s.shape
+    params = sh.vocab_size * sh.hidden_size + sh.hidden_size * (2 if sh.norm == "layernorm" else 1)
+    return (params + (sh.vocab_size if sh.lm_head_bias else 0)) * s.compute_bytes
+
+
+def root_leftover_bytes(s: Setup) -> int:
+    """What stays in the FSDP2 root unit (learned position embeddings), gathered for the whole step."""
+    return s.shape.learned_positions * s.shape.hidden_size * s.compute_bytes
+
+
+BACKWARD_PHASES = ("layer", "recompute")
+
+
 def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quantized: bool) -> MemoryEstimate:
-    """The per-device estimate of `single` under `parallelism` over `devices` devices."""
+    """The per-device estimate of `single` under `parallelism` over `devices` devices: the static terms
+    re-sharded, each moment of the step re-evaluated with the buffers the engine adds there, the largest
+    moment kept."""
     if parallelism == "single" or devices == 1:
         return single
     n = devices
     h = s.shape.hidden_size
-    out: list[Term] = []
-    trainable_bytes = sum(t.bytes for t in single.terms if t.component == "adapter")
     full_ft = single.method == "full"
-    for t in single.terms:
-        if t.component in NOT_ALLOCATED and t.component == "overhead":
-            continue  # recomputed below
+    fsdp = parallelism == "fsdp"
+    mixed = s.dtype != "float32"
+    if fsdp and mixed and not full_ft and not s.adapters_in_compute_dtype:
+        # FSDP2's mixed-precision policy casts the adapters to the compute dtype: their activations change
+        s = replace(s, adapters_in_compute_dtype=True)
+        single = estimate(single.method, s)
+    # accelerate's fsdp2_prepare_model upcasts trainable 16-bit parameters to fp32 under mixed precision
+    # (fp32 sharded weights, gradients and optimizer state); adapters are fp32 already, 4-bit bases frozen
+    upcast = 4 / METHODS["full"].weight_bytes(s) if (fsdp and mixed and full_ft and A.FSDP_UPCASTS_TRAINABLE) else 1
+    param_state = A.OPTIMIZER_STATES[s.optimizer][0] == "param"
+
+    def resharded(t: Term) -> Term:
         c = t.component
-        factor = 1.0
-        if c in ("weights", "quant_constants", "adapter") and parallelism in ("fsdp", "deepspeed-zero3"):
-            factor = 1 / n
-        if c in ("optimizer", "paged_optimizer") and parallelism != "ddp":
-            factor = 1 / n
-        if c == "gradients" and parallelism != "ddp":
-            factor = 1 / n
-        label = t.label + (f" (sharded /{n})" if factor != 1 else "")
-        out.append(Term(c, label, int(t.bytes * factor), t.formula + (f" / {n}" if factor != 1 else ""), t.inputs))
-    weights16 = sum(t.bytes for t in single.terms if t.component == "weights") if full_ft else trainable_bytes
+        shards = (c in ("weights", "quant_constants", "adapter") and parallelism in ("fsdp", "deepspeed-zero3")) \
+            or (c in ("optimizer", "paged_optimizer", "gradients") and parallelism != "ddp")
+        up = upcast != 1 and (c in ("weights", "gradients") or (c == "optimizer" and param_state))
+        if not shards and not up:
+            return t
+        notes = (["fp32 under FSDP mixed precision"] if up else []) + ([f"sharded /{n}"] if shards else [])
+        formula = t.formula + (f" × {upcast:g}" if up else "") + (f" / {n}" if shards else "")
+        return Term(c, f"{t.label} ({', '.join(notes)})", int(t.bytes * (upcast if up else 1) / (n if shards else 1)),
+                    formula, t.inputs)
+
+    static = [resharded(t) for t in single.terms if t.component in STATIC]
     params = single.trainable_parameters
+    weights16 = sum(t.bytes for t in single.terms if t.component == "weights") if full_ft else \
+        sum(t.bytes for t in single.terms if t.component == "adapter")
+    extras: list[Term] = []  # at every moment of forward and backward
+    loss_extras: list[Term] = []  # at the loss, and the lm_head's backward
+    backward_extras: list[Term] = []  # inside the decoder layers' backward
     if parallelism.startswith("deepspeed"):  # fp32 master copy of every trainable parameter, sharded
-        out.append(Term("optimizer", f"DeepSpeed fp32 master weights (sharded /{n})", 4 * params // n,
-                        "4 × N_trainable / devices", {"N": params, "devices": n}))
+        static.append(Term("optimizer", f"DeepSpeed fp32 master weights (sharded /{n})", 4 * params // n,
+                           "4 × N_trainable / devices", {"N": params, "devices": n}))
     if parallelism == "ddp":
-        grads = weights16 if full_ft else trainable_bytes
-        out.append(Term("transient", "DDP gradient buckets", grads, "= gradient bytes (gradient_as_bucket_view off)",
-                        {"bytes": grads}))
-    elif parallelism == "fsdp":
-        layer = layer_weight_bytes(s, quantized)
-        out.append(Term("transient", "FSDP all-gathered layers (current + prefetched)", 2 * layer,
-                        "2 × one layer's weights", {"layer_bytes": layer}))
+        extras.append(Term("transient", "DDP gradient buckets", weights16,
+                           "= gradient bytes (gradient_as_bucket_view off)", {"bytes": weights16}))
+    elif fsdp:
+        tail, rest, layer = tail_weight_bytes(s), root_leftover_bytes(s), layer_weight_bytes(s, quantized)
+        if rest:
+            extras.append(Term("transient", "FSDP root unit gathered (position embeddings)", rest,
+                               "positions × h × compute bytes", {"bytes": rest}))
+        loss_extras.append(Term("transient", "FSDP tail unit gathered (lm_head, final norm)", tail,
+                                "(V·h + norm) × compute bytes", {"bytes": tail}))
+        backward_extras.append(Term("transient", "FSDP gathered layers in backward (current + prefetched)",
+                                    2 * layer, "2 × one layer's weights", {"layer_bytes": layer}))
         if full_ft:
-            out.append(Term("transient", "FSDP reduce-scatter of one layer's gradients", layer, "one layer's weights",
-                            {"layer_bytes": layer}))
+            backward_extras.append(Term("transient", "FSDP one layer's unsharded gradients (reduce-scatter input)",
+                                        layer, "one layer's weights", {"layer_bytes": layer}))
     elif parallelism == "deepspeed-zero2":
         bucket = h * h * 2
-        out.append(Term("transient", "ZeRO-2 reduce bucket (h² elements, 16-bit)", bucket, "h² × 2", {"h": h}))
+        extras.append(Term("transient", "ZeRO-2 reduce bucket (h² elements, 16-bit)", bucket, "h² × 2", {"h": h}))
     elif parallelism == "deepspeed-zero3":
         layer = layer_weight_bytes(s, quantized)
         prefetch = int(0.9 * h * h) * 2
-        out.append(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
-                        "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}))
+        extras.append(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
+                           "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}))
+
+    moments: dict[str, list[Term]] = {}
+    for name, dyn in single.phase_terms.items():
+        terms = [resharded(t) if t.component == "gradients" else t for t in dyn]
+        if fsdp and name == "optimizer":
+            moments[name] = terms  # the root is resharded after backward
+        else:
+            moments[name] = terms + extras + (backward_extras if name in BACKWARD_PHASES else loss_extras)
+    totals = {k: sum(int(t.bytes) for t in ts) for k, ts in moments.items()}
+    phase = max(totals, key=lambda k: totals[k])
+    out = static + moments[phase]
     peak = sum(t.bytes for t in out if t.component not in NOT_ALLOCATED)
     out += overhead_terms(s, peak)
+    static_bytes = sum(int(t.bytes) for t in static if t.component not in NOT_ALLOCATED)
     return MemoryEstimate(method=single.method, trainable_parameters=single.trainable_parameters,
-                          phase=single.phase, terms=tuple(out), phases=single.phases)
+                          phase=phase, terms=tuple(out), phases={k: v + static_bytes for k, v in totals.items()},
+                          phase_terms=moments)
 
 
 def comm_seconds_per_step(single: MemoryEstimate, s: Setup, parallelism: str, topo: Topology,

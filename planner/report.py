@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..schemas import Problem, Spec, SpecError
 from . import assumptions as A
 from .memory import MemoryEstimate, estimate_all
+from .parallel import shard
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
 from .setup import Resolved, build_setup
 from .terms import COMPONENTS
@@ -18,7 +19,13 @@ class EstimateReport:
     model: ResolvedModel
     hardware: ResolvedHardware
     resolved: Resolved
-    estimates: dict[str, MemoryEstimate]
+    estimates: dict[str, MemoryEstimate]  # per device, under parallelism[name]
+    parallelism: dict[str, str] = field(default_factory=dict)
+    requested_parallelism: str = "single"
+
+    @property
+    def devices(self) -> int:
+        return self.hardware.count * self.hardware.nodes
 
     @property
     def memory_bytes(self) -> int:
@@ -49,14 +56,17 @@ class EstimateReport:
                          "attention": g.attention, "padded": g.padded},
             "precision": self.resolved.precision,
             "optimizer": self.resolved.setup.optimizer,
-            "parallelism": "single",
-            "methods": {name: self._method_json(est) for name, est in self.estimates.items()},
+            "parallelism": self.requested_parallelism,
+            "methods": {name: self._method_json(name, est) for name, est in self.estimates.items()},
             "notes": list(self.hardware.notes) + list(self.resolved.notes),
             "warnings": [p.render() for p in self.resolved.warnings],
         }
 
-    def _method_json(self, est: MemoryEstimate) -> dict:
+    def _method_json(self, name: str, est: MemoryEstimate) -> dict:
+        par = self.parallelism.get(name, "single")
         return {
+            "parallelism": par,
+            "devices": 1 if par == "single" else self.devices,
             "peak_allocated_bytes": est.peak_allocated_bytes,
             "device_total_bytes": est.device_total_bytes,
             "fits": self.fits(est),
@@ -87,7 +97,24 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     errors = [p for p in resolved.warnings if p.severity == "error"]
     if errors:
         raise SpecError(errors)
-    return EstimateReport(model, hardware, resolved, estimate_all(resolved.setup))
+    singles = estimate_all(resolved.setup)
+    devices = hardware.count * hardware.nodes
+    requested = spec.training.parallelism if devices > 1 else "single"
+    report = EstimateReport(model, hardware, resolved, singles, {name: "single" for name in singles},
+                            "single" if devices == 1 else requested)
+    if devices == 1:
+        return report
+    # Several devices: per-device numbers under the spec's parallelism; with "auto", plain data
+    # parallelism where it fits, FSDP (which accelerate runs on GPUs and, over gloo, on CPUs) where not.
+    options = [requested] if requested != "auto" else ["ddp", "fsdp"]
+    estimates, chosen = {}, {}
+    for name, single in singles.items():
+        for par in options:
+            est = shard(single, resolved.setup, par, devices, name in ("qlora", "qdora"))
+            if report.fits(est) or par == options[-1]:
+                estimates[name], chosen[name] = est, par
+                break
+    return replace(report, estimates=estimates, parallelism=chosen)
 
 
 # --- rich rendering --------------------------------------------------------------------------------
@@ -134,7 +161,8 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
     sh = report.model.shape
     console.print(
         f"[bold]{report.model.name}[/] ({sh.model_type}, {_count(sh.parameters)} parameters, from {report.model.source})"
-        f" on [bold]{dev.name}[/] ({_gib(dev.memory_bytes)} GiB, usable {_gib(report.usable_bytes)} GiB "
+        f" on [bold]{f'{report.devices} × ' if report.devices > 1 else ''}{dev.name}[/] ({_gib(dev.memory_bytes)} GiB"
+        f"{' each' if report.devices > 1 else ''}, usable {_gib(report.usable_bytes)} GiB "
         f"after {A.FIT_HEADROOM_FRACTION:.0%} headroom)"
     )
     console.print(
@@ -149,6 +177,9 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
     table.add_column("fits", justify="center")
     table.add_column("headroom", justify="right")
     table.add_column("trainable", justify="right")
+    several = report.devices > 1
+    if several:
+        table.add_column("parallelism")
     table.add_column("breakdown (bar = device memory)")
     for name, est in report.estimates.items():
         fits = report.fits(est)
@@ -157,7 +188,9 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
             name, _gib(est.peak_allocated_bytes), _gib(est.device_total_bytes),
             Text("✓", style="green") if fits else Text("✗", style="red"),
             Text(_gib(head), style="green" if head >= 0 else "red"),
-            _count(est.trainable_parameters), breakdown_bar(est.components(), scale),
+            _count(est.trainable_parameters),
+            *([_parallelism_cell(report.parallelism.get(name, "single"), report.devices)] if several else []),
+            breakdown_bar(est.components(), scale),
         )
     console.print(table)
     legend = Text("  ")
@@ -171,6 +204,10 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
         console.print(f"[bright_black]note: {line}[/]")
     for p in report.resolved.warnings:
         console.print(f"[yellow]warning: {p.render()}[/]")
+
+
+def _parallelism_cell(parallelism: str, devices: int) -> str:
+    return "one device" if parallelism == "single" else f"{parallelism} ×{devices}"
 
 
 def render_terms(est: MemoryEstimate, console) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import assumptions as A
 from .shapes import Linear, ModelShape
 
 COMPONENTS = (
@@ -67,6 +68,14 @@ class Setup:
     optimizer: str = "adamw_torch"
     dtype: str = "bfloat16"  # compute dtype of the non-quantized weights
     device_kind: str = "cuda"  # cuda | cpu
+    # FSDP2 mixed precision (planner.parallel): the trainable weights are cast to the compute dtype for
+    # forward and backward, so adapters compute in 16-bit without peft's fp32 input cast
+    adapters_in_compute_dtype: bool = False
+
+    @property
+    def adapter_compute_bytes(self) -> int:
+        """Bytes of the adapters' weights as they compute: fp32, or the compute dtype under FSDP2."""
+        return self.compute_bytes if self.adapters_in_compute_dtype else A.ADAPTER_BYTES
 
     @property
     def compute_bytes(self) -> int:

@@ -36,20 +36,21 @@ class DoRA(LoRA):
         return [self.norm_transient(s)]
 
     def norm_transient(self, s: Setup) -> Term:
-        # get_lora_weight: an fp32 identity (in x in) and its 16-bit copy through lora_A; then the
-        # fp32 lora weight, the fp32 copy of W, s·BA and W + s·BA (4 x in x out fp32).
-        e = s.compute_bytes
+        # get_lora_weight: an identity (in x in) in the adapter dtype and its 16-bit copy through lora_A;
+        # then the lora weight, the copy of W, s·BA and W + s·BA (4 x in x out), all in the adapter dtype
+        # (fp32; the compute dtype under FSDP2 mixed precision).
+        e, a = s.compute_bytes, s.adapter_compute_bytes
 
         def peak(lin):
             n_in, n_out = lin.in_features, lin.out_features
-            return max((4 + e) * n_in * n_in, e * n_in * n_in + 16 * n_in * n_out)
+            return max((a + e) * n_in * n_in, e * n_in * n_in + 4 * a * n_in * n_out)
 
         lin = max(s.targeted(), key=peak, default=None)
         if lin is None:
             return Term("transient", "DoRA weight norm", 0, "no adapted modules")
         return Term("transient", f"DoRA weight-norm buffers ({lin.name}, largest)", peak(lin),
-                    "max((4+e)·in², e·in² + 16·in·out)", {"module": lin.name, "in": lin.in_features,
-                                                         "out": lin.out_features, "e": e})
+                    "max((a+e)·in², e·in² + 4a·in·out)", {"module": lin.name, "in": lin.in_features,
+                                                          "out": lin.out_features, "e": e, "a": a})
 
 
 METHOD = DoRA()

@@ -22,17 +22,17 @@ class LoRA(Method):
 
     def mask_bytes(self, s: Setup) -> int:
         fixed = A.DROPOUT_MASK_BYTES.get(s.device_kind)
-        return fixed if fixed is not None else A.ADAPTER_BYTES  # CPU: mask has the fp32 input's dtype
+        return fixed if fixed is not None else s.adapter_compute_bytes  # CPU: the mask has the input's dtype
 
     def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:
         """What one adapted module saves, beyond a shared input (see projection_saved_bytes)."""
         e, r, n_in = s.compute_bytes, s.adapter.rank, lin.in_features
         t = int(tokens * lin.active)
         saved = e * t * r  # lora_A output, saved by lora_B
-        if s.compute_bytes != A.ADAPTER_BYTES:
+        if s.compute_bytes != s.adapter_compute_bytes:
             saved += e * t * n_in  # autocast's 16-bit copy of the (fp32-cast) input, saved by lora_A
         elif s.adapter.dropout > 0:
-            saved += A.ADAPTER_BYTES * t * n_in  # fp32 compute: the dropout output itself
+            saved += s.adapter_compute_bytes * t * n_in  # no cast: the dropout output itself
         if s.adapter.dropout > 0:
             saved += self.mask_bytes(s) * t * n_in
         return saved
@@ -41,11 +41,12 @@ class LoRA(Method):
         targeted = s.targeted()
         total = sum(self.module_saved_bytes(s, lin, tokens) for lin in targeted)
         shared = {}
-        if s.compute_bytes == A.ADAPTER_BYTES and s.adapter.dropout == 0:
-            # fp32 compute without dropout: peft's cast is a no-op, modules reading one tensor share it
+        if s.compute_bytes == s.adapter_compute_bytes and s.adapter.dropout == 0:
+            # adapters computing in the input's dtype (fp32 runs; FSDP2 mixed precision) without dropout:
+            # peft's cast is a no-op, modules reading one tensor share it
             for lin in targeted:
                 shared[lin.input] = max(shared.get(lin.input, 0), tokens * lin.in_features)
-            total += A.ADAPTER_BYTES * sum(shared.values())
+            total += s.adapter_compute_bytes * sum(shared.values())
         return total, {"modules": [lin.name for lin in targeted], "rank": s.adapter.rank,
                        "dropout": s.adapter.dropout, "bytes": s.compute_bytes}
 
