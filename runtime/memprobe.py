@@ -3,6 +3,9 @@
 `LiveTensorBytes` is a TorchDispatchMode that records every tensor storage an op creates and
 watches it with a weak reference, so `peak` is the largest total of live storage bytes seen
 while the mode was active, on top of a `baseline` of storages that existed before (the model).
+Storages resized in place (FSDP2 frees and re-allocates gathered parameters with
+`untyped_storage().resize_`, which is not an op the mode sees) are followed by wrapping
+`UntypedStorage.resize_` while the mode is active.
 On CUDA, the allocator's own counters are used instead (`cuda_peak`).
 """
 
@@ -46,9 +49,12 @@ class LiveTensorBytes(TorchDispatchMode):
             return
         try:
             st = t.untyped_storage()
-            ptr, nbytes = st._cdata, st.nbytes()
         except (NotImplementedError, RuntimeError):  # tensor subclasses without storage
             return
+        self._track_storage(st)
+
+    def _track_storage(self, st) -> None:
+        ptr, nbytes = st._cdata, st.nbytes()
         if nbytes == 0 or ptr in self.live:
             return
         self.live[ptr] = nbytes
@@ -59,6 +65,31 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def reset_peak(self):
         self.peak = self.current
+
+    def _resized(self, st) -> None:
+        key = st._cdata
+        if key not in self.live:  # e.g. a buffer freed to 0 bytes before the mode began
+            self._track_storage(st)
+            return
+        self.current += st.nbytes() - self.live[key]
+        self.live[key] = st.nbytes()
+        if self.current > self.peak:
+            self.peak = self.current
+
+    def __enter__(self):
+        resize = self._resize = torch.UntypedStorage.resize_
+
+        def tracked_resize(st, *args, **kwargs):
+            out = resize(st, *args, **kwargs)
+            self._resized(st)
+            return out
+
+        torch.UntypedStorage.resize_ = tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -204,6 +204,24 @@ def _trainer_class():
     return PlanTrainer
 
 
+def launch_problem(launch: dict, env) -> str | None:
+    """A launch that does not match the plan: a sharded plan started without accelerate's FSDP / DeepSpeed
+    settings would silently train unsharded (and run out of memory); a multi-process plan started as one
+    process trains with a smaller global batch. The first is an error, the second a warning."""
+    parallelism = launch.get("parallelism", "single")
+    planned = int(launch.get("devices_per_node", 1)) * int(launch.get("nodes", 1))
+    world = int(env.get("WORLD_SIZE", "1"))
+    how = "./run.sh (accelerate launch --config_file accelerate_config.yaml train.py)"
+    if world > 1 and parallelism == "fsdp" and env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return f"error: this plan shards with FSDP, but the launcher did not turn FSDP on; start it with {how}"
+    if world > 1 and parallelism.startswith("deepspeed") and env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return f"error: this plan shards with DeepSpeed, but the launcher did not turn it on; start it with {how}"
+    if planned > 1 and world == 1:
+        return (f"warning: planned for {planned} processes ({parallelism}) but running as one: the global batch is "
+                f"1/{planned} of the plan's and the memory estimate does not apply; use {how}")
+    return None
+
+
 def main(argv=None, default_config: Path | None = None) -> int:
     args = parse_args(argv, default_config)
     try:
@@ -213,6 +231,11 @@ def main(argv=None, default_config: Path | None = None) -> int:
         return EXIT_INPUT
     if args.output_dir:
         config = RunConfig(**{**config.__dict__, "output_dir": Path(args.output_dir).resolve()})
+    problem = launch_problem(config.launch, os.environ)
+    if problem:
+        print(problem, file=sys.stderr)
+        if problem.startswith("error"):
+            return EXIT_INPUT
     from .data_formats import DataError
 
     data_path = args.data or resolve_path(config, config.data["path"])

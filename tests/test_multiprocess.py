@@ -137,6 +137,40 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
+@pytest.mark.slow
+def test_two_nodes_through_run_sh(runs, tmp_path):
+    """A two-node spec (1 process per node), run the way its README says: run.sh on every node with
+    MACHINE_RANK and MAIN_PROCESS_IP. Two copies of the project stand in for two machines (localhost as
+    the main node's address). The job is one world of 2 ranks: same losses as one process with the same
+    global batch, the adapter written once, by node 0."""
+    import shutil
+
+    root = runs["single"].parent
+    spec = root / "nodes.toml"
+    spec.write_text(cpu_spec(num_examples=200, count=1, nodes=2, learning_rate=1e-3, gradient_checkpointing=False,
+                             max_steps=8, save_steps=4, parallelism="ddp"))
+    gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(spec), "-o", str(tmp_path / "node0")],
+                         capture_output=True, text=True, env=ENV)
+    assert gen.returncode == 0, gen.stderr
+    shutil.copytree(tmp_path / "node0", tmp_path / "node1")
+    env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV.get('PATH', '')}",
+           "MAIN_PROCESS_IP": "127.0.0.1"}
+    procs = [subprocess.Popen(["./run.sh"], cwd=tmp_path / f"node{rank}", env={**env, "MACHINE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    node0 = tmp_path / "node0"
+    start = next(r for r in metrics(node0) if r.get("event") == "start")
+    assert start["world_size"] == 2
+    one = {r["step"]: r["loss"] for r in metrics(runs["single"]) if "loss" in r and "event" not in r}
+    two = {r["step"]: r["loss"] for r in metrics(node0) if "loss" in r and "event" not in r}
+    assert sorted(one) == sorted(two)
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4), (step, one, two)
+    assert (node0 / "outputs" / "final" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "node1" / "outputs" / "final").exists()
+
+
 def test_generated_launch_files(runs):
     import tomllib
 
@@ -144,3 +178,30 @@ def test_generated_launch_files(runs):
     assert 'distributed_type: "MULTI_GPU"' in cfg and "num_processes: 2" in cfg  # torchrun + gloo with use_cpu
     assert f"use_cpu: {'false' if CUDA else 'true'}" in cfg
     assert tomllib.loads((runs["ddp"] / "plan.toml").read_text())["launch"]["parallelism"] == "ddp"
+
+
+def test_launch_mismatches_are_named():
+    from peftplan.runtime.train import launch_problem
+
+    fsdp = {"parallelism": "fsdp", "devices_per_node": 2, "nodes": 1}
+    assert launch_problem(fsdp, {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}) is None
+    assert launch_problem(fsdp, {"WORLD_SIZE": "2"}).startswith("error: this plan shards with FSDP")
+    assert launch_problem({"parallelism": "deepspeed-zero3", "devices_per_node": 8, "nodes": 2},
+                          {"WORLD_SIZE": "16"}).startswith("error: this plan shards with DeepSpeed")
+    one = launch_problem({"parallelism": "ddp", "devices_per_node": 4, "nodes": 2}, {})
+    assert one.startswith("warning: planned for 8 processes (ddp) but running as one")
+    assert launch_problem({"parallelism": "ddp", "devices_per_node": 2, "nodes": 1}, {"WORLD_SIZE": "2"}) is None
+    assert launch_problem({}, {}) is None  # single-device plans
+
+
+@pytest.mark.slow
+def test_fsdp_plan_under_plain_torchrun_refuses_to_run_unsharded(runs):
+    """torchrun alone sets no FSDP settings: the Trainer would train with DDP and every rank would hold the
+    whole model. The runtime says so and exits 2 before loading anything."""
+    proj = runs["fsdp"]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "train.py", "--max-steps", "1"], cwd=proj,
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert run.returncode != 0
+    assert "this plan shards with FSDP, but the launcher did not turn FSDP on" in run.stderr
+    assert "./run.sh" in run.stderr
