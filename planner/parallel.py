@@ -150,8 +150,11 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quan
         extras.append(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
                            "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}))
 
+    # an estimate built elsewhere (exact mode) may carry only its peak moment
+    phase_terms = single.phase_terms or {single.phase: tuple(t for t in single.terms
+                                                             if t.component not in STATIC + ("overhead",))}
     moments: dict[str, list[Term]] = {}
-    for name, dyn in single.phase_terms.items():
+    for name, dyn in phase_terms.items():
         terms = [resharded(t) if t.component == "gradients" else t for t in dyn]
         if fsdp and name == "optimizer":
             moments[name] = terms  # the root is resharded after backward
