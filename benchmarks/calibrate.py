@@ -89,13 +89,19 @@ def build_model_dir(cfg: dict, root: Path) -> Path:
     return path
 
 
-def predict(run: Run) -> dict:
-    from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
+def setup_of(run: Run, device_kind: str):
+    """The estimator's Setup for a calibration run (alpha = 2r, no accumulation)."""
+    from peftplan.planner import AdapterSettings, Geometry, Setup, shape_from_config
 
-    s = Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
-              AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
-              dtype=run.dtype, device_kind="cuda" if _cuda() else "cpu")
-    est = estimate(run.method, s)
+    return Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
+                 AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
+                 dtype=run.dtype, device_kind=device_kind)
+
+
+def predict(run: Run) -> dict:
+    from peftplan.planner import estimate
+
+    est = estimate(run.method, setup_of(run, "cuda" if _cuda() else "cpu"))
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_total": est.device_total_bytes,
             "predicted_phase": est.phase, **{f"pred_{k}": v for k, v in est.components().items()}}
 
@@ -268,11 +274,19 @@ def main(argv=None) -> int:
         print(f"[{n}/{len(runs)}] {run.key():60s} measured {row['measured_peak'] / 2**20:8.2f} MiB  "
               f"predicted {row['predicted_peak'] / 2**20:8.2f} MiB  error {row['error']:+6.1%}  "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        with out.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(out, rows)  # after every run: an interrupted matrix continues with --resume
     return 0
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Write the CSV whole, through a temporary file, so an interruption never leaves half a table."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate import MEDIUM, METHODS, Run, build_model_dir, versions  # noqa: E402
+from calibrate import MEDIUM, METHODS, Run, build_model_dir, setup_of, versions, write_rows  # noqa: E402
 from docsection import replace_section  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,12 +39,10 @@ PROCESSES = 2
 
 
 def predict(run: Run, parallelism: str) -> dict:
-    from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
+    from peftplan.planner import estimate
     from peftplan.planner.parallel import shard
 
-    s = Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
-              AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
-              dtype=run.dtype, device_kind="cpu")
+    s = setup_of(run, "cpu")
     single = estimate(run.method, s)
     est = shard(single, s, parallelism, PROCESSES, run.method in ("qlora", "qdora"))
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_single": single.peak_allocated_bytes,
@@ -143,16 +141,6 @@ def matrix(name: str) -> list[tuple[Run, str]]:
     return out
 
 
-def _write(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
-
-
 def summary(rows: list[dict]) -> str:
     """Markdown: |error| median / worst per parallelism and method, and every row."""
     import statistics
@@ -227,7 +215,7 @@ def main(argv=None) -> int:
             print(f"[{i}/{len(runs)}] {par} {run.key()}: measured {got['measured_peak'] / 2**20:.1f} MiB, predicted "
                   f"{pred['predicted_peak'] / 2**20:.1f} MiB ({err:+.1%}), held {got['parameters_held_locally']}",
                   flush=True)
-            _write(args.out, rows)  # after every run: an interrupted matrix continues with --resume
+            write_rows(args.out, rows)  # after every run: an interrupted matrix continues with --resume
     errs = sorted(abs(float(r["error"])) for r in rows)
     print(f"{len(rows)} runs: median |error| {errs[len(errs) // 2]:.1%}, worst {errs[-1]:.1%} -> {args.out}")
     return 0
