@@ -273,6 +273,7 @@ def main(argv=None, default_config: Path | None = None) -> int:
         print(f"error: the loss became NaN/inf at step {trainer.nan_step}; training stopped. The last good "
               f"checkpoint is {good or 'none'}; lower training.learning_rate or check the data, then --resume.",
               file=sys.stderr)
+        _leave_process_group(wait=False)
         return EXIT_NAN
     final = config.output_dir / "final"
     if not finished:
@@ -284,7 +285,20 @@ def main(argv=None, default_config: Path | None = None) -> int:
 
         plot_loss(metrics.path, config.output_dir / "loss.png")
         print(f"saved {final} and {config.output_dir / 'loss.png'}")
+    _leave_process_group(wait=True)
     return 0
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Tear the process group down before the interpreter exits. Left to exit, a rank's gloo threads were
+    still joinable at shutdown and it aborted ("terminate called without an active exception", SIGABRT)
+    after training had finished, failing the whole launch. `wait`: first let every rank reach this point."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
