@@ -1,240 +1,80 @@
-"""The data pipeline: read local files, validate, tokenize with response-only labels, split, pack, collate.
+"""The data pipeline: read local files, validate, tokenize with response-only labels, split, weight, pack, collate.
 
-    records = load_records("train.jsonl")              # JSONL, JSON, CSV, Parquet (needs pyarrow)
+    prepared = prepare_data(["chat.jsonl", {"path": "notes.txt", "weight": 0.5}], tokenizer, seq_len=2048,
+                            eval_path="val.jsonl", packing=True)
+
+or step by step:
+
+    records = load_records("train.jsonl")               # JSONL, JSON, CSV, Parquet (needs pyarrow), TXT
     fmt = resolve_format(records, "auto", tokenizer)    # detect + validate every record; DataError on problems
     examples = tokenize_records(records, fmt, tokenizer, seq_len=2048)
     rows = pack(examples, 2048, pad_token_id(tokenizer))  # optional
     batch = DataCollator(pad_token_id(tokenizer))(rows[:4])
 
-or all at once: `prepare_data(path, tokenizer, seq_len=..., eval_fraction=..., packing=...)`.
+Every problem found before training is a DataError naming the file and the line (JSONL, CSV, TXT: the line the
+record starts on; JSON: the line and record index; Parquet: the record index); up to 10 bad records per file
+are listed at once. Files are read streaming (data_files.read_file) and checked by the same code as the
+torch-free scanner (data_scan.scan_data), which reports the same problems.
 
-Every problem found before training is a DataError naming the file and the line (JSONL, 1-based), the row
-(CSV, the header being row 1) or the record index (JSON, Parquet); up to 10 bad records are listed at once.
+Long records cost what they keep: a text is tokenized only as far as seq_len needs (encode_prefix), so a 50 MB
+record with seq_len=64 hands the tokenizer a few thousand characters, not 50 million.
 Imports only the standard library at module level; torch is imported by the collator, pyarrow for Parquet.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from .data_formats import (FORMATS, MAX_REPORTED, SIGNATURES, DataError, Record, detect_format, problems_error,
-                           segments, validate_record)
+from .data_files import (FileCheck, Source, apply_weight, as_sources, check_records, load_records, looks_like_hub_id,
+                         rebase, resolve_roles)
+from .data_formats import (FORMATS, SIGNATURES, DataError, Record, detect_format, template_check,
+                           template_record_problems, unknown_format, validate_record)
+from .data_tokens import (IGNORE, Example, chars_per_token, context, encode_prefix, tokenize_record,
+                          tokenize_records)
 
 __all__ = [
-    "FORMATS", "SIGNATURES", "DataError", "Record", "Example", "PreparedData", "TokenStats", "DataCollator",
-    "load_records", "detect_format", "validate_records", "resolve_format", "tokenize_record", "tokenize_records",
-    "split", "pack", "pad_token_id", "token_stats", "prepare_data",
+    "FORMATS", "SIGNATURES", "DataError", "Record", "Source", "Example", "PreparedData", "TokenStats",
+    "DataCollator", "load_records", "as_sources", "detect_format", "validate_records", "resolve_format",
+    "tokenize_record", "tokenize_records", "encode_prefix", "chars_per_token", "split", "pack", "pad_token_id",
+    "token_stats", "prepare_data",
 ]
-
-IGNORE = -100
-Example = dict  # {"input_ids": [...], "attention_mask": [...], "labels": [...]} (+ "position_ids" when packed)
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-
-def load_records(path: str | Path) -> list[Record]:
-    """Read every record of a local .jsonl / .json / .csv / .parquet file; DataError if unreadable or empty."""
-    p = Path(path)
-    if not p.exists():
-        if _looks_like_hub_id(str(path)):
-            return _read_hub(str(path))
-        raise DataError(f"{p}: file not found")
-    if not p.is_file():
-        raise DataError(f"{p}: not a file")
-    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-               ".parquet": _read_parquet}
-    reader = readers.get(p.suffix.lower())
-    if reader is None:
-        raise DataError(f"{p}: unsupported file type {p.suffix or '(no extension)'!r}; "
-                        "expected .jsonl, .json, .csv or .parquet")
-    records = reader(p)
-    if not records:
-        raise DataError(f"{p}: no records (the dataset is empty)")
-    return records
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in Path(name).suffix
-
-
-def _read_hub(name: str) -> list[Record]:
-    """A hub dataset by name (`org/name`, its train split), when online and `datasets` is installed."""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        raise DataError(f"{name}: not a local file, and HF_HUB_OFFLINE is set: the hub dataset cannot be fetched")
-    try:
-        from datasets import load_dataset
-    except ImportError:
-        raise DataError(f"{name}: not a local file; to read it as a hub dataset, pip install datasets") from None
-    try:
-        ds = load_dataset(name, split="train")
-    except Exception as exc:  # noqa: BLE001 - any hub failure is the user's input problem here
-        raise DataError(f"{name}: cannot load the hub dataset: {exc}") from None
-    return [Record(dict(row), name, f"record index {i}") for i, row in enumerate(ds)]
-
-
-def _read_jsonl(p: Path) -> list[Record]:
-    records, problems = [], []
-    with p.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"{p}, line {n}: invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(data, dict):
-                problems.append(f"{p}, line {n}: expected a JSON object, got {type(data).__name__}")
-                continue
-            records.append(Record(data, str(p), f"line {n}"))
-    if problems:
-        raise problems_error(str(p), problems, what="unreadable line")
-    return records
-
-
-def _read_json(p: Path) -> list[Record]:
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8-sig") or "[]")
-    except json.JSONDecodeError as e:
-        raise DataError(f"{p}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-    if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-        doc = doc["data"]
-    if not isinstance(doc, list):
-        raise DataError(f"{p}: expected a JSON list of records or an object {{\"data\": [...]}}, "
-                        f"got {type(doc).__name__}")
-    problems = [f"{p}, record index {i}: expected an object, got {type(d).__name__}"
-                for i, d in enumerate(doc) if not isinstance(d, dict)]
-    if problems:
-        raise problems_error(str(p), problems)
-    return [Record(d, str(p), f"record index {i}") for i, d in enumerate(doc)]
-
-
-def _read_csv(p: Path) -> list[Record]:
-    with p.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        try:  # row 1 is the header, so the first record is row 2
-            return [Record({k: v for k, v in row.items() if k is not None}, str(p), f"row {i}")
-                    for i, row in enumerate(reader, start=2)]
-        except csv.Error as e:
-            raise DataError(f"{p}, line {reader.line_num}: unreadable CSV ({e})") from None
-
-
-def _read_parquet(p: Path) -> list[Record]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{p}: reading Parquet files needs pyarrow, which is not installed "
-                        "(pip install pyarrow), or convert the file to JSONL") from None
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as e:  # pyarrow raises its own ArrowInvalid / OSError types
-        raise DataError(f"{p}: unreadable Parquet file ({e})") from None
-    return [Record(d, str(p), f"record index {i}") for i, d in enumerate(rows)]
 
 
 # ---------------------------------------------------------------------------------------------------- checking
 
 
-def validate_records(records: Sequence[Record], fmt: str, tokenizer: Any = None) -> None:
-    """DataError listing the first 10 records that don't fit `fmt` (and the missing chat template, for chat)."""
+def validate_records(records: Sequence[Record], fmt: str, tokenizer: Any = None,
+                     roles: Mapping[str, str] | None = None) -> None:
+    """DataError listing the first 10 records that don't fit `fmt` (and the missing chat template, or tool turns
+    the template does not render, for chat formats when a tokenizer is given)."""
     if fmt not in FORMATS:
-        raise DataError(f"unknown data format {fmt!r}; expected one of: {', '.join(FORMATS)} or auto")
+        raise unknown_format(fmt)
     if not records:
         raise DataError("no records (the dataset is empty)")
     path = records[0].path
-    if fmt == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{path}: the data is in chat format but the tokenizer has no chat template; use a "
-                        "tokenizer that has one, set tokenizer.chat_template, or use the instruction/completion format")
-    problems, total = [], 0
+    support = template_check(tokenizer, fmt, path)
+    roles = resolve_roles(roles)
+    check = FileCheck(path)
     for r in records:
-        found = validate_record(r.data, fmt)
+        found = validate_record(r.data, fmt, roles) or template_record_problems(r.data, fmt, support, roles)
         if found:
-            total += 1
-            if len(problems) < MAX_REPORTED:
-                problems.append(f"{r.where}: " + "; ".join(found))
-    if total:
-        raise problems_error(path, problems, total)
+            check.add(r.where, "; ".join(found))
+    if check.count:
+        raise check.error()
 
 
-def resolve_format(records: Sequence[Record], fmt: str = "auto", tokenizer: Any = None) -> str:
-    """The format to use (detected when "auto"), after validating every record against it."""
+def resolve_format(records: Sequence[Record], fmt: str = "auto", tokenizer: Any = None,
+                   roles: Mapping[str, str] | None = None) -> str:
+    """The format to use (detected from the first record when "auto"), after validating every record against it."""
     if not records:
         raise DataError("no records (the dataset is empty)")
     if fmt == "auto":
         fmt = detect_format(list(records))
-    validate_records(records, fmt, tokenizer)
+    validate_records(records, fmt, tokenizer, roles)
     return fmt
-
-
-# ---------------------------------------------------------------------------------------------------- tokenizing
-
-
-def _special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before the text by itself (a BOS for Llama-style tokenizers, none for GPT-2)."""
-    with_sp = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    without = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    n = len(with_sp) - len(without)
-    return with_sp[:n] if n > 0 and with_sp[n:n + len(without)] == without else []
-
-
-def _tokenize(data: dict, fmt: str, tokenizer, seq_len: int, prefix: list[int]) -> Example:
-    ids: list[int] = []
-    labels: list[int] = []
-    if fmt != "chat":  # a chat template writes its own BOS into the text
-        ids += prefix
-        labels += prefix if fmt == "text" else [IGNORE] * len(prefix)
-    last_trained: list[int] = []
-    for text, trained in segments(data, fmt, tokenizer):
-        if not text:
-            continue
-        piece = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-        if trained:
-            last_trained = piece
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos not in last_trained:  # the template (or plain text) didn't end the response
-        ids.append(eos)
-        labels.append(eos)
-    ids, labels = ids[:seq_len], labels[:seq_len]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def tokenize_record(data: dict, fmt: str, tokenizer, seq_len: int) -> Example:
-    """input_ids / attention_mask / labels for one valid record; labels are -100 outside the trained text."""
-    return _tokenize(data, fmt, tokenizer, seq_len, _special_prefix(tokenizer))
-
-
-def tokenize_records(records: Sequence[Record], fmt: str, tokenizer, seq_len: int,
-                     drop_untrained: bool = True) -> list[Example]:
-    """Tokenize validated records. With drop_untrained, examples left with no trained token (the prompt fills
-    seq_len) are dropped; `len(records) - len(result)` says how many."""
-    if seq_len < 2:
-        raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    prefix = _special_prefix(tokenizer)
-    out, problems = [], []
-    for r in records:
-        try:
-            ex = _tokenize(r.data, fmt, tokenizer, seq_len, prefix)
-        except DataError:
-            raise
-        except Exception as e:  # a chat template that fails or is not prefix-stable on this record
-            problems.append(f"{r.where}: cannot render the record ({type(e).__name__}: {e})")
-            continue
-        if not drop_untrained or any(x != IGNORE for x in ex["labels"]):
-            out.append(ex)
-    if problems:
-        raise problems_error(records[0].path, problems)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- split, pack
@@ -378,36 +218,96 @@ def token_stats(dataset: Sequence[Example]) -> TokenStats:
                       total_tokens=total, trained_tokens=trained)
 
 
+
+
 @dataclass
 class PreparedData:
-    format: str
+    format: str  # the files' format, or their formats joined with "+" ("chat+text") when they differ
     train: list[Example]
     eval: list[Example] = field(default_factory=list)
     dropped: int = 0  # examples with no trained token left after truncation to seq_len
     packed: bool = False
+    sources: list[dict] = field(default_factory=list)  # per file: path, role, format, records, weight, examples
+    notes: list[str] = field(default_factory=list)  # things to tell the user (e.g. eval_fraction ignored)
 
     def stats(self) -> dict:
         return {"train": token_stats(self.train).as_dict(), "eval": token_stats(self.eval).as_dict()}
 
 
-def prepare_data(path: str | Path, tokenizer, *, format: str = "auto", seq_len: int = 2048,
-                 eval_fraction: float = 0.0, seed: int = 0, packing: bool = False,
-                 eval_path: str | Path | None = None) -> PreparedData:
-    """Load, validate, split (or read eval_path), tokenize and optionally pack; DataError on any problem."""
-    records = load_records(path)
-    fmt = resolve_format(records, format, tokenizer)
-    if eval_path is not None:
-        train_records, eval_records = records, load_records(eval_path)
-        validate_records(eval_records, fmt, tokenizer)
+def _load(sources: list[Source], tokenizer, roles, txt_split: str) -> list[tuple[list[Record], str]]:
+    """Every source's valid records and format; one DataError for the problems of all files."""
+    out, errors = [], []
+    for s in sources:
+        if not Path(s.path).exists() and looks_like_hub_id(s.path):  # a hub dataset by name, when online
+            records = load_records(s.path)
+            out.append((records, resolve_format(records, s.format, tokenizer, roles)))
+            continue
+        check = FileCheck(s.path)
+        records = [c.record for c in check_records(s, check=check, roles=roles, tokenizer=tokenizer, txt_split=txt_split)]
+        if check.count:
+            errors.append(check.error())
+        out.append((records, check.format or "text"))
+    if errors:
+        raise errors[0] if len(errors) == 1 else DataError("\n".join(map(str, errors)),
+                                                           [p for e in errors for p in e.problems])
+    return out
+
+
+def prepare_data(path: Any, tokenizer, *, format: str = "auto", seq_len: int = 2048, eval_fraction: float = 0.0,
+                 seed: int = 0, packing: bool = False, eval_path: Any = None, roles: Mapping[str, str] | None = None,
+                 txt_split: str = "blank_line", base_dir: str | Path | None = None) -> PreparedData:
+    """Load, validate, split (or read eval_path), tokenize, weight and optionally pack; DataError on any problem.
+
+    path: a file, a list of files, or sources {path, format, weight} (data_files.as_sources); each file's format
+    is its own (detected from its first record unless set), so formats may be mixed. eval_path: held-out files
+    (then eval_fraction is not used: PreparedData.notes says so when both are set). Weights repeat or subsample
+    each file's training examples (data_files.apply_weight); with several files or a weight other than 1, the
+    training examples are shuffled (seeded) so that packed rows mix the files. Relative paths are relative to
+    base_dir when given. The problems of every file, training and held-out, are reported in one DataError.
+    """
+    c = context(tokenizer, seq_len, roles)
+    sources = rebase(as_sources(path, format), base_dir)
+    eval_sources = rebase(as_sources(eval_path, format, "data.eval_path", weights=False), base_dir) if (
+        eval_path is not None) else []
+    everything = _load(sources + eval_sources, tokenizer, c.roles, txt_split)
+    loaded, held = everything[: len(sources)], everything[len(sources):]
+    fmts, eval_fmts = [fmt for _, fmt in loaded], [fmt for _, fmt in held]
+    items = [(i, r) for i, (records, _) in enumerate(loaded) for r in records]
+    notes = []
+    if eval_sources:
+        train_items, eval_items = items, [(i, r) for i, (records, _) in enumerate(held) for r in records]
+        if eval_fraction:
+            notes.append(f"data.eval_fraction = {eval_fraction:g} is ignored: data.eval_path holds the evaluation "
+                         "examples")
     else:
-        train_records, eval_records = split(records, eval_fraction, seed)
-    train = tokenize_records(train_records, fmt, tokenizer, seq_len)
-    evals = tokenize_records(eval_records, fmt, tokenizer, seq_len) if eval_records else []
-    dropped = len(train_records) + len(eval_records) - len(train) - len(evals)
+        train_items, eval_items = split(items, eval_fraction, seed)
+        eval_fmts = fmts
+
+    def tokenized(pairs, formats) -> dict[int, list[Example]]:
+        groups: dict[int, list[Record]] = {}
+        for i, r in pairs:
+            groups.setdefault(i, []).append(r)
+        return {i: tokenize_records(rs, formats[i], tokenizer, seq_len, roles=c.roles) for i, rs in groups.items()}
+
+    train_by, eval_by = tokenized(train_items, fmts), tokenized(eval_items, eval_fmts)
+    dropped = len(train_items) + len(eval_items) - sum(map(len, [*train_by.values(), *eval_by.values()]))
+    train: list[Example] = []
+    info = []
+    for i, s in enumerate(sources):
+        examples = apply_weight(train_by.get(i, []), s.weight, seed * 1_000_003 + i)
+        train += examples
+        info.append({"path": s.path, "role": "train", "format": fmts[i], "records": len(loaded[i][0]),
+                     "weight": s.weight, "examples": len(examples)})
+    evals = [ex for i in sorted(eval_by) for ex in eval_by[i]]
+    info += [{"path": s.path, "role": "eval", "format": eval_fmts[i], "records": len(held[i][0]), "weight": 1.0,
+              "examples": len(eval_by.get(i, []))} for i, s in enumerate(eval_sources)]
     if not train:
-        raise DataError(f"{path}: no example keeps a trained token within seq_len={seq_len} "
+        names = ", ".join(s.path for s in sources)
+        raise DataError(f"{names}: no example keeps a trained token within seq_len={seq_len} "
                         "(every prompt fills the sequence); raise seq_len or shorten the prompts")
+    if len(sources) > 1 or any(s.weight != 1.0 for s in sources):
+        random.Random(seed).shuffle(train)
     if packing:
         pid = pad_token_id(tokenizer)
         train, evals = pack(train, seq_len, pid), pack(evals, seq_len, pid)
-    return PreparedData(fmt, train, evals, dropped, packing)
+    return PreparedData("+".join(dict.fromkeys(fmts)), train, evals, dropped, packing, info, notes)

@@ -2,7 +2,8 @@
 every format and file type, and tiny models saved with that tokenizer. Nothing is downloaded.
 
     tok = build_tokenizer("out/tok")                        # byte-level BPE, ChatML chat template
-    write_dataset("out/train.jsonl", "chat", 32)            # also "instruction", "completion", "text"
+    write_dataset("out/train.jsonl", "chat", 32)            # also "sharegpt", "instruction", "completion", "text"
+    write_dataset("out/notes.txt", "text", 8, "txt")        # plain text: documents separated by blank lines
     build_tiny_model("out/model", family="llama")           # AutoModelForCausalLM / AutoTokenizer load it
 """
 
@@ -22,6 +23,21 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START, IM_END, ENDOFTEXT]
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# ChatML that also renders tools, assistant tool calls and tool turns (the way Qwen2.5's template does), for
+# tests of tool-calling data; build_tokenizer(path, chat_template=TOOL_CHAT_TEMPLATE).
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\nTools: ' + tools | tojson + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + (message['content'] or '') }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '<tool_call>' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
@@ -101,7 +117,8 @@ def _qa(i: int) -> tuple[str, str]:
 
 
 def example_records(format: str, n: int) -> list[dict]:
-    """n deterministic records of `format` (chat | instruction | completion | text)."""
+    """n deterministic records of `format` (chat | sharegpt | instruction | completion | text); a sharegpt record
+    is the chat record of the same index written as ShareGPT (`conversations`, from human/gpt/system, value)."""
     out: list[dict] = []
     for i in range(n):
         q, a = _qa(i)
@@ -112,6 +129,10 @@ def example_records(format: str, n: int) -> list[dict]:
                 q2, a2 = _qa(i + 11)
                 messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
             out.append({"messages": messages})
+        elif format == "sharegpt":
+            names = {"system": "system", "user": "human", "assistant": "gpt"}
+            chat = example_records("chat", i + 1)[i]["messages"]
+            out.append({"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in chat]})
         elif format == "instruction":
             rec = {"instruction": "Answer the question in one sentence." if i % 2 else q,
                    "input": q if i % 2 else "", "output": a}
@@ -121,13 +142,14 @@ def example_records(format: str, n: int) -> list[dict]:
         elif format == "text":
             out.append({"text": f"{q} {a}"})
         else:
-            raise ValueError(f"unknown format {format!r}; expected chat, instruction, completion or text")
+            raise ValueError(f"unknown format {format!r}; expected chat, sharegpt, instruction, completion or text")
     return out
 
 
 def write_records(path: str | Path, records: list[dict], fmt: str | None = None) -> Path:
-    """Write records as jsonl | json | csv | parquet (default: from the file extension). In CSV, non-string
-    values (chat messages) are JSON-encoded cells. Parquet needs pyarrow."""
+    """Write records as jsonl | json | csv | parquet | txt (default: from the file extension). In CSV, non-string
+    values (chat messages) are JSON-encoded cells. Parquet needs pyarrow. txt takes text records only and writes
+    their texts separated by a blank line (a text that holds a blank line itself is refused)."""
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".") or "jsonl").lower()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,13 +169,19 @@ def write_records(path: str | Path, records: list[dict], fmt: str | None = None)
         import pyarrow.parquet as pq
 
         pq.write_table(pa.Table.from_pylist(records), path)
+    elif fmt == "txt":
+        texts = [r.get("text") for r in records]
+        if any(set(r) != {"text"} or not isinstance(t, str) or not t.strip()
+               or any(not line.strip() for line in t.split("\n")) for r, t in zip(records, texts, strict=True)):
+            raise ValueError("a .txt file holds text records only, each non-empty and without blank lines")
+        path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
     else:
-        raise ValueError(f"unknown file type {fmt!r}; expected jsonl, json, csv or parquet")
+        raise ValueError(f"unknown file type {fmt!r}; expected jsonl, json, csv, parquet or txt")
     return path
 
 
 def write_dataset(path: str | Path, format: str, n: int, fmt: str = "jsonl") -> Path:
-    """Write `n` deterministic records of `format` to `path` as `fmt` (jsonl | json | csv | parquet)."""
+    """Write `n` deterministic records of `format` to `path` as `fmt` (jsonl | json | csv | parquet | txt)."""
     return write_records(path, example_records(format, n), fmt)
 
 

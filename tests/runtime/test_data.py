@@ -13,7 +13,7 @@ pytest.importorskip("transformers", reason="needs the [train] extra")
 from peftplan.runtime import data as D  # noqa: E402
 from peftplan.runtime import testing as T  # noqa: E402
 
-FORMATS = ["chat", "instruction", "completion", "text"]
+FORMATS = ["chat", "sharegpt", "instruction", "completion", "text"]
 FILE_TYPES = ["jsonl", "json", "csv", "parquet"]
 EOS = "<|eos|>"
 
@@ -34,7 +34,7 @@ def tok_plain(tmp_path_factory):
 
 
 def trained_text(tok, ex):
-    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100])
+    return tok.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True) if lab != -100])
 
 
 def records_of(rows, path="mem.jsonl"):
@@ -75,7 +75,9 @@ def test_tiny_model_loads_with_its_tokenizer(family, tmp_path):
 
 def test_runtime_modules_import_nothing_from_the_planner():
     runtime = Path(D.__file__).parent
-    for name in ("data.py", "data_formats.py", "testing.py"):
+    names = sorted(p.name for p in runtime.glob("data*.py")) + ["testing.py"]
+    assert len(names) >= 10  # data, data_chat, data_files, data_formats, data_json, data_read, data_scan, ...
+    for name in names:
         tree = ast.parse((runtime / name).read_text())
         for node in ast.walk(tree):
             mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -99,9 +101,10 @@ def test_every_file_type_and_format_loads(fmt, file_type, tok, tmp_path):
     examples = D.tokenize_records(records, fmt, tok, seq_len=256)
     assert len(examples) == 7
     expected = T.example_records(fmt, 7)
-    for ex, rec in zip(examples, expected):
+    for ex, rec in zip(examples, expected, strict=True):
         assert len(ex["input_ids"]) == len(ex["labels"]) == len(ex["attention_mask"])
         response = {"chat": lambda r: r["messages"][-1]["content"], "instruction": lambda r: r["output"],
+                    "sharegpt": lambda r: r["conversations"][-1]["value"],
                     "completion": lambda r: r["completion"], "text": lambda r: r["text"]}[fmt](rec)
         assert response in trained_text(tok, ex)
 
@@ -111,7 +114,8 @@ def test_json_data_wrapper_and_blank_jsonl_lines(tok, tmp_path):
     wrapped = tmp_path / "w.json"
     wrapped.write_text(json.dumps({"data": rows}))
     assert [r.data for r in D.load_records(wrapped)] == rows
-    assert [r.where for r in D.load_records(wrapped)] == ["record index 0", "record index 1", "record index 2"]
+    # one line: the line each record starts on, and its index in the list
+    assert [r.where for r in D.load_records(wrapped)] == [f"line 1 (record index {i})" for i in range(3)]
     jl = write_lines(tmp_path / "b.jsonl", [json.dumps(rows[0]), "", json.dumps(rows[1])])
     assert [r.where for r in D.load_records(jl)] == ["line 1", "line 3"]
 
@@ -147,13 +151,13 @@ def test_auto_detection_ambiguous_and_unknown_keys(tmp_path):
 
 def test_unknown_format_missing_file_and_unsupported_type(tmp_path):
     rec = records_of([{"text": "x"}])
-    with pytest.raises(D.DataError, match="unknown data format 'sharegpt'"):
-        D.resolve_format(rec, "sharegpt")
+    with pytest.raises(D.DataError, match="unknown data format 'alpaca'"):
+        D.resolve_format(rec, "alpaca")
     with pytest.raises(D.DataError, match="nope.jsonl: file not found"):
         D.load_records(tmp_path / "nope.jsonl")
-    (tmp_path / "d.txt").write_text("hi")
-    with pytest.raises(D.DataError, match="unsupported file type '.txt'"):
-        D.load_records(tmp_path / "d.txt")
+    (tmp_path / "d.xml").write_text("hi")
+    with pytest.raises(D.DataError, match="unsupported file type '.xml'"):
+        D.load_records(tmp_path / "d.xml")
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -263,11 +267,15 @@ def test_at_most_ten_bad_records_reported(tmp_path):
 
 def test_csv_and_json_locations(tmp_path):
     csv_path = T.write_records(tmp_path / "bad.csv", [{"text": "ok"}, {"text": ""}, {"text": "ok"}])
-    with pytest.raises(D.DataError, match=r"bad\.csv.*\n  row 3: field 'text' is empty"):
+    with pytest.raises(D.DataError) as e:  # one problem: one line naming the file and the line (header = line 1)
         D.resolve_format(D.load_records(csv_path), "text")
+    assert str(e.value) == f"{csv_path}, line 3: field 'text' is empty (format 'text'; keys found: text)"
     json_path = T.write_records(tmp_path / "bad.json", [{"text": "ok"}, {"text": 5}])
-    with pytest.raises(D.DataError, match=r"record index 1: field 'text' must be a string, got int"):
+    second = json_path.read_text().split("\n").index(" {", 2) + 1  # the line the second object starts on
+    with pytest.raises(D.DataError) as e:
         D.resolve_format(D.load_records(json_path), "text")
+    assert str(e.value) == (f"{json_path}, line {second} (record index 1): field 'text' must be a string, got int "
+                            "(format 'text'; keys found: text)")
 
 
 def test_invalid_json_lines(tmp_path):
