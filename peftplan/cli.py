@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .console import emit
 
 # pydantic scans installed packages' entry points for plugins on first validation (~50 ms of
 # importlib.metadata); peftplan uses none. Respect an explicit setting.
@@ -19,11 +20,9 @@ EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NOFIT = 0, 1, 2, 3
 
 
 def _console(stderr: bool = False):
-    from rich.console import Console
+    from .console import make_console
 
-    stream = sys.stderr if stderr else sys.stdout
-    width = None if stream.isatty() else 132  # pipes and CI logs: wide enough for the breakdown bars
-    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
+    return make_console(stderr)
 
 
 def _load(path: str):
@@ -32,14 +31,41 @@ def _load(path: str):
     return load_spec(path)
 
 
+def _with_data(spec, spec_path: str):
+    """Check the spec's data files before anything is planned or written; problems are exit 2, one line each
+    (the data file and line, under the spec's data.path key). Returns the spec with counts filled from the data
+    and the check, whose summary lines the command prints once it succeeds."""
+    from .datacheck import check_data
+    from .schemas import Problem, SpecError
+
+    check = check_data(spec, Path(spec_path).resolve())
+    if not check.ok:
+        problems = [Problem("data.path", line) for f in check.summary.files for line in f.problems]
+        hidden = check.summary.problem_count - len(problems)
+        if hidden > 0:
+            problems.append(Problem("data.path", f"… and {hidden:,} more problems in the data"))
+        raise SpecError(problems)
+    check.warnings = [f"{spec_path}: warning: {w}" for w in check.warnings]
+    return check.spec, check
+
+
+def _show_data(check, stream) -> None:
+    """What the data check found, once the command succeeded (an error shows only its own lines)."""
+    for line in check.lines:
+        emit(line, stream)
+    for w in check.warnings:
+        emit(w, sys.stderr)
+
+
 def cmd_validate(args) -> int:
     from .planner.report import estimate_spec
 
-    spec = _load(args.spec)
+    spec, check = _with_data(_load(args.spec), args.spec)
     report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
     for p in report.resolved.warnings:
-        print(p.render(args.spec), file=sys.stderr)
-    print(f"{args.spec}: ok ({report.model.name} on {report.hardware.device.id})")
+        emit(p.render(args.spec), sys.stderr)
+    _show_data(check, sys.stdout)
+    emit(f"{args.spec}: ok ({report.model.name} on {report.hardware.device.id})")
     return EXIT_OK
 
 
@@ -54,24 +80,28 @@ def cmd_estimate(args) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         render(report, _console(), explain=args.explain)
-    return EXIT_OK
+    return EXIT_NOFIT if report.nothing_fits else EXIT_OK  # the table still prints: what would need how much
 
 
 def cmd_plan(args) -> int:
     from .planner.choose import NothingFits, plan_spec
     from .planner.plan_report import plan_json, render_plan
 
-    spec = _load(args.spec)
+    spec, check = _with_data(_load(args.spec), args.spec)
     try:
-        result = plan_spec(spec, base_dir=Path(args.spec).resolve().parent)
+        result = plan_spec(spec, base_dir=Path(args.spec).resolve().parent, lengths=check.lengths)
         code = EXIT_OK
     except NothingFits as exc:
         result, code = exc.plan, EXIT_NOFIT
-        print(f"{args.spec}: {exc}", file=sys.stderr)
+        emit(f"{args.spec}: {exc}", sys.stderr)
         for line in result.suggestions:
-            print(f"  would fit: {line}", file=sys.stderr)
+            emit(f"  would fit: {line}", sys.stderr)
+    _show_data(check, sys.stderr)
     if args.json:
-        print(json.dumps(plan_json(result), indent=2))
+        out = plan_json(result)
+        if check.summary is not None:
+            out["data"] = check.summary.as_dict()
+        print(json.dumps(out, indent=2))
     else:
         render_plan(result, _console())
     return code
@@ -174,46 +204,76 @@ def cmd_gpus(args) -> int:
 
 def cmd_generate(args) -> int:
     from .planner.choose import NothingFits, plan_spec
-    from .planner.project import GenerateError, generate
+    from .planner.project import ConflictError, GenerateError, f_sh, generate
 
-    spec = _load(args.spec)
+    spec, check = _with_data(_load(args.spec), args.spec)
     spec_path = Path(args.spec).resolve()
+    out = Path(os.path.abspath(os.path.expanduser(args.output)))
+    _require_utf8({"the spec's path": spec_path, "-o": out, "data.path": spec.data.path})
     try:
-        result = plan_spec(spec, base_dir=spec_path.parent)
+        result = plan_spec(spec, base_dir=spec_path.parent, lengths=check.lengths)
     except NothingFits as exc:
-        print(f"{args.spec}: {exc}", file=sys.stderr)
+        emit(f"{args.spec}: {exc}", sys.stderr)
         for line in exc.plan.suggestions:
-            print(f"  would fit: {line}", file=sys.stderr)
+            emit(f"  would fit: {line}", sys.stderr)
         return EXIT_NOFIT
-    out = Path(args.output)
     try:
         written = generate(result, spec, spec_path, out, force=args.force)
+    except ConflictError as exc:
+        emit(f"peftplan generate: {exc}", sys.stderr)
+        return EXIT_INPUT
     except GenerateError as exc:
-        print(f"peftplan generate: {exc}", file=sys.stderr)
+        emit(f"peftplan generate: {exc}", sys.stderr)
         return EXIT_ERROR
-    from .planner.project import f_sh
-
+    _show_data(check, sys.stderr)
     c = result.chosen
-    where = f_sh(out.expanduser().resolve())
-    print(f"wrote {len(written)} files to {where}: {c.method} on {result.report.hardware.device.id}, "
-          f"micro-batch {c.micro_batch}, predicted {c.needed_bytes / 2**30:.1f} GiB per device")
-    print(f"next: peftplan run {where}   (or: cd {where} && ./run.sh)")
+    real = out.resolve()
+    where = f_sh(real) + (f" (through the link {f_sh(out)})" if real != out else "")
+    emit(f"wrote {len(written)} files to {where}: {c.method} on {result.report.hardware.device.id}, "
+         f"micro-batch {c.micro_batch}, predicted {c.needed_bytes / 2**30:.1f} GiB per device")
+    emit(f"next: peftplan run {f_sh(real)}   (or: cd {f_sh(real)} && ./run.sh)")
     return EXIT_OK
 
 
+def _require_utf8(paths: dict) -> None:
+    """plan.toml, the README and run.sh record these paths as text: a name that is not valid UTF-8 (bytes
+    Python keeps as surrogates) cannot be written there faithfully, so it is refused before anything is written."""
+    from .schemas import Problem, SpecError
+
+    bad = []
+    for key, value in paths.items():
+        if value is None:
+            continue
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(Problem(key if key.startswith(("data.", "model.")) else "",
+                               f"{key} {str(value).encode('utf-8', 'surrogateescape')!r} contains bytes that are "
+                               "not valid UTF-8; the generated files could not name it: rename it"))
+    if bad:
+        raise SpecError(bad)
+
+
 def _project(path: str) -> Path:
+    """A generated project folder, with its plan file checked by the runtime's own validation."""
+    from .runtime.config import ConfigError, load_config
     from .schemas import Problem, SpecError
 
     d = Path(path)
     if not (d / "plan.toml").is_file() or not (d / "train.py").is_file():
         raise SpecError([Problem("", f"{d} is not a generated project (no plan.toml / train.py); "
                                      "create one with: peftplan generate SPEC -o DIR")])
+    try:
+        load_config(d / "plan.toml")
+    except ConfigError as exc:
+        raise SpecError([Problem("", str(exc))]) from None
     return d
 
 
 def cmd_run(args) -> int:
     import subprocess
-    import tomllib
+
+    from .runtime.config import load_config
 
     d = _project(args.dir)
     extra = []
@@ -221,11 +281,12 @@ def cmd_run(args) -> int:
         extra += ["--max-steps", str(args.max_steps)]
     if args.resume:
         extra.append("--resume")
-    launch = tomllib.loads((d / "plan.toml").read_text()).get("launch", {})
-    processes = int(launch.get("devices_per_node", 1)) * int(launch.get("nodes", 1))
+    launch = load_config(d / "plan.toml").launch
+    processes = launch["devices_per_node"] * launch["nodes"]
     if processes > 1:
+        port = ["--main_process_port", os.environ["MAIN_PROCESS_PORT"]] if os.environ.get("MAIN_PROCESS_PORT") else []
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-               "train.py", *extra]
+               *port, "train.py", *extra]
     else:
         cmd = [sys.executable, "train.py", *extra]
     return subprocess.call(cmd, cwd=d)
@@ -235,8 +296,19 @@ def cmd_merge(args) -> int:
     import subprocess
 
     d = _project(args.dir)
-    cmd = [sys.executable, "merge.py"] + (["-o", str(Path(args.output).resolve())] if args.output else [])
+    cmd = [sys.executable, "merge.py"] + (["-o", os.path.abspath(args.output)] if args.output else []) \
+        + (["--dtype", args.dtype] if args.dtype else [])
     return subprocess.call(cmd, cwd=d)
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,13 +350,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="execute a generated project with its bundled runtime")
     s.add_argument("dir")
-    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--max-steps", type=_positive, default=None)
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("merge", help="merge a trained adapter into a 16-bit copy of the base")
     s.add_argument("dir")
     s.add_argument("-o", "--output", default=None)
+    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of the saved weights (default: bfloat16; float16 for fp16 plans)")
     s.set_defaults(func=cmd_merge)
     return p
 
@@ -302,16 +376,16 @@ def main(argv: list[str] | None = None) -> int:
 
             exc = locate(exc.problems, spec_path)
         for line in exc.lines():
-            print(line, file=sys.stderr)
+            emit(line, sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        emit("interrupted", sys.stderr)
         return 130
     except BrokenPipeError:
         return EXIT_OK
     except Exception as exc:  # the one place that turns the unexpected into an exit code
         if os.environ.get("PEFTPLAN_DEBUG"):
             raise
-        print(f"peftplan: internal error: {type(exc).__name__}: {exc} (set PEFTPLAN_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        emit(f"peftplan: internal error: {type(exc).__name__}: {str(exc)[:500]} (set PEFTPLAN_DEBUG=1 for the "
+             "traceback)", sys.stderr)
         return EXIT_ERROR

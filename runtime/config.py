@@ -6,13 +6,18 @@ so this module checks the file itself: required tables and keys, types, allowed 
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data_files import data_settings
+from .data_formats import DataError
+
 METHODS = ("full", "lora", "qlora", "dora", "qdora")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 PRECISIONS = ("bf16", "fp16", "fp32")
+PARALLELISMS = ("single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3")
 
 
 class ConfigError(ValueError):
@@ -47,6 +52,10 @@ def _need(table: dict, name: str, key: str, kind, path: Path, choices=None, defa
         raise ConfigError(f"{path}: {name}.{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
     if not isinstance(value, kinds):
         raise ConfigError(f"{path}: {name}.{key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: {name}.{key} must be a finite number, got {value!r}")
+    if isinstance(value, str) and len(value) > 4096:
+        raise ConfigError(f"{path}: {name}.{key} is {len(value):,} characters long: not a value peftplan wrote")
     if choices is not None and value not in choices:
         raise ConfigError(f"{path}: {name}.{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
     return value
@@ -57,9 +66,16 @@ def load_config(path: str | Path) -> RunConfig:
     if not p.is_file():
         raise ConfigError(f"plan file not found: {p}")
     try:
+        if p.stat().st_size > 2**20:
+            raise ConfigError(f"{p}: {p.stat().st_size:,} bytes is not a plan file peftplan wrote (regenerate it)")
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start}); regenerate it with peftplan "
+                          "generate --force") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {str(exc)[:200]}") from None
     for table in ("model", "method", "data", "training"):
         if not isinstance(raw.get(table), dict):
             raise ConfigError(f"{p}: missing table [{table}]")
@@ -79,9 +95,15 @@ def load_config(path: str | Path) -> RunConfig:
         )
         if method["rank"] < 1:
             raise ConfigError(f"{p}: method.rank must be ≥ 1")
+        if method["alpha"] <= 0 or not 0.0 <= method["dropout"] < 1.0:
+            raise ConfigError(f"{p}: method.alpha must be > 0 and method.dropout in [0, 1)")
+    try:
+        files = data_settings(d)  # path / sources / eval_path / format / roles / txt_split, each checked
+    except DataError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     data = {
-        "path": _need(d, "data", "path", str, p),
-        "format": _need(d, "data", "format", str, p, ("auto", "chat", "instruction", "completion", "text"), "auto"),
+        **files,
+        "path": str(files["sources"][0].path),  # the first file, for messages
         "seq_len": _need(d, "data", "seq_len", int, p),
         "packing": _need(d, "data", "packing", bool, p, default=False),
         "eval_fraction": float(_need(d, "data", "eval_fraction", (int, float), p, default=0.0)),
@@ -102,13 +124,47 @@ def load_config(path: str | Path) -> RunConfig:
         "logging_steps": _need(t, "training", "logging_steps", int, p, default=10),
         "precision": _need(t, "training", "precision", str, p, PRECISIONS),
     }
-    out = raw.get("output", {}) if isinstance(raw.get("output"), dict) else {}
+    for table in ("output", "prediction", "provenance", "launch"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ConfigError(f"{p}: [{table}] must be a table")
+    out = raw.get("output", {})
     output_dir = Path(_need(out, "output", "dir", str, p, default="outputs"))
     if not output_dir.is_absolute():
         output_dir = p.parent / output_dir
+    la = raw.get("launch", {})
+    launch = {
+        **la,
+        "parallelism": _need(la, "launch", "parallelism", str, p, PARALLELISMS, "single"),
+        "devices_per_node": _need(la, "launch", "devices_per_node", int, p, default=1),
+        "nodes": _need(la, "launch", "nodes", int, p, default=1),
+    }
+    for key in ("devices_per_node", "nodes"):
+        if not 1 <= launch[key] <= 2**16:
+            raise ConfigError(f"{p}: launch.{key} must be between 1 and 65536, got {launch[key]}")
+    if training["learning_rate"] <= 0 or training["epochs"] <= 0:
+        raise ConfigError(f"{p}: training.learning_rate and training.epochs must be > 0")
+    for key in ("micro_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
+        if training[key] < 1:
+            raise ConfigError(f"{p}: training.{key} must be ≥ 1, got {training[key]}")
+    if data["seq_len"] < 2:
+        raise ConfigError(f"{p}: data.seq_len must be ≥ 2, got {data['seq_len']}")
+    if not 0.0 <= data["eval_fraction"] < 1.0:
+        raise ConfigError(f"{p}: data.eval_fraction must be in [0, 1), got {data['eval_fraction']}")
+    prediction = {k: v for k, v in raw.get("prediction", {}).items() if isinstance(v, (int, float, str))
+                  and not isinstance(v, bool)}
     return RunConfig(path=p, model=model, method=method, data=data, training=training, output_dir=output_dir,
-                     prediction=dict(raw.get("prediction", {})), provenance=dict(raw.get("provenance", {})),
-                     launch=dict(raw.get("launch", {})))
+                     prediction=prediction, provenance=dict(raw.get("provenance", {})), launch=launch)
+
+
+def data_arguments(config: RunConfig, override: str | None = None) -> dict:
+    """The keyword arguments of data.prepare_data for this plan (`override`: one file instead of the plan's)."""
+    from .data_files import Source
+
+    d = config.data
+    sources = [Source(override)] if override else d["sources"]
+    return {"sources": sources, "format": d["format"], "seq_len": d["seq_len"], "eval_fraction": d["eval_fraction"],
+            "seed": config.training["seed"], "packing": d["packing"], "eval_path": d["eval_sources"] or None,
+            "roles": d["roles"], "txt_split": d["txt_split"], "base_dir": config.path.parent}
 
 
 def resolve_path(config: RunConfig, value: str) -> str:

@@ -7,80 +7,44 @@ created; the adapter is saved with the tokenizer and its chat template.
 
 from __future__ import annotations
 
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
+
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config, resolve_path
+from .checkpoints import (CheckpointMismatch, check_matches_plan, checkpoint_is_final, install_checkpoint_weights,
+                          last_checkpoint)
+from .config import ConfigError, RunConfig, data_arguments, load_config, resolve_path
+from .lock import Busy, hold_run_lock, interrupted_generation
+from .messages import say
 
 EXIT_INPUT, EXIT_NAN = 2, 4
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def parse_args(argv=None, default_config: Path | None = None):
     ap = argparse.ArgumentParser(description="Train the planned fine-tuning run.")
     ap.add_argument("--config", default=str(default_config) if default_config else "plan.toml",
                     help="the frozen plan file (default: plan.toml next to this script)")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (a smoke test)")
+    ap.add_argument("--max-steps", type=_positive, default=None, help="stop after N optimizer steps (a smoke test)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     ap.add_argument("--data", default=None, help="override data.path (e.g. on the rented machine)")
     ap.add_argument("--output-dir", default=None, help="override output.dir")
     return ap.parse_args(argv)
 
 
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint (trainer_state.json present and readable); corrupt ones are skipped."""
-    import json
-
-    ckpts = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in ckpts:
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-        except (OSError, ValueError):
-            print(f"warning: {ckpt} is incomplete or corrupt (trainer_state.json unreadable); trying an older one",
-                  file=sys.stderr)
-            continue
-        weights = list(ckpt.glob("*.safetensors"))
-        if not weights or not all(_readable_safetensors(w) for w in weights):
-            print(f"warning: {ckpt} has missing or corrupt weights; trying an older one", file=sys.stderr)
-            continue
-        return ckpt
-    return None
-
-
-def _checkpoint_is_final(ckpt: Path) -> bool:
-    import json
-
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
-
-
-def _install_checkpoint_weights(ckpt: Path, final: Path, trainer) -> None:
-    """The last checkpoint already holds the trained weights: copy them (and their configs) to `final`."""
-    import shutil
-
-    if not trainer.is_world_process_zero():
-        return
-    final.mkdir(parents=True, exist_ok=True)
-    for f in ckpt.iterdir():
-        if f.suffix == ".safetensors" or f.name.endswith("config.json") or f.name == "README.md":
-            shutil.copy2(f, final / f.name)
-
-
-def _readable_safetensors(path: Path) -> bool:
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                fh.get_slice(key)  # header and offsets consistent with the file size
-        return True
-    except Exception:  # noqa: BLE001 - any failure to read means: do not resume from it
-        return False
-
-
-def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
+def build_trainer(config: RunConfig, data_override: str | None, max_steps: int | None):
     import torch
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
@@ -92,8 +56,11 @@ def build_trainer(config: RunConfig, data_path: str, max_steps: int | None):
     t, m = config.training, config.method
     model_path = resolve_path(config, config.model["name"])
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model["trust_remote_code"])
-    data = prepare_data(data_path, tokenizer, format=config.data["format"], seq_len=config.data["seq_len"],
-                        eval_fraction=config.data["eval_fraction"], seed=t["seed"], packing=config.data["packing"])
+    args = data_arguments(config, data_override)
+    data = prepare_data(args.pop("sources"), tokenizer, **args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in data.notes:
+            say(f"data: {note}", sys.stdout)
 
     set_seed(t["seed"])  # before the adapter is created: same init, same run
     cuda = torch.cuda.is_available()
@@ -227,27 +194,48 @@ def main(argv=None, default_config: Path | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return EXIT_INPUT
     if args.output_dir:
         config = RunConfig(**{**config.__dict__, "output_dir": Path(args.output_dir).resolve()})
+    if interrupted_generation(config.path.parent):
+        say(f"error: {config.path.parent} was being regenerated when peftplan generate was interrupted; run the "
+            "same peftplan generate … --force again to complete it")
+        return EXIT_INPUT
     problem = launch_problem(config.launch, os.environ)
     if problem:
-        print(problem, file=sys.stderr)
+        say(problem)
         if problem.startswith("error"):
+            return EXIT_INPUT
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            hold_run_lock(config.output_dir)
+        except Busy as exc:
+            say(f"error: {exc}")
+            return EXIT_INPUT
+    resume = None
+    if args.resume:  # before loading anything: a resume that cannot work fails in seconds
+        resume = last_checkpoint(config.output_dir)
+        if resume is None:
+            say(f"error: --resume: no usable checkpoint in {config.output_dir}")
+            return EXIT_INPUT
+        try:
+            check_matches_plan(resume, config.method)
+        except CheckpointMismatch as exc:
+            say(f"error: --resume: {exc}")
             return EXIT_INPUT
     from .data_formats import DataError
 
-    data_path = args.data or resolve_path(config, config.data["path"])
     try:
-        trainer, tokenizer, data, metrics = build_trainer(config, data_path, args.max_steps)
+        trainer, tokenizer, data, metrics = build_trainer(config, args.data, args.max_steps)
     except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return EXIT_INPUT
     except (OSError, ValueError) as exc:  # no weights, only pickles, custom code without trust_remote_code …
         hint = (" (set model.trust_remote_code = true in the spec only if you trust that repository's code)"
                 if "trust_remote_code" in str(exc) else "")
-        print(f"error: cannot load {config.model['name']}: {str(exc).splitlines()[0]}{hint}", file=sys.stderr)
+        say(f"error: cannot load {config.model['name']}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{hint}")
         return EXIT_INPUT
     if trainer.is_world_process_zero():
         acc = trainer.accelerator
@@ -255,24 +243,17 @@ def main(argv=None, default_config: Path | None = None) -> int:
                        "fsdp": bool(trainer.is_fsdp_enabled), "parallelism": config.launch.get("parallelism", "single"),
                        "train_examples": len(data.train), "eval_examples": len(data.eval), "format": data.format,
                        "packed": data.packed})
-    resume = None
-    if args.resume:
-        resume = last_checkpoint(config.output_dir)
-        if resume is None:
-            print(f"error: --resume: no usable checkpoint in {config.output_dir}", file=sys.stderr)
-            return EXIT_INPUT
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"resuming from {resume}")
-    finished = resume is not None and _checkpoint_is_final(resume)
+    if resume is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming from {resume}")
+    finished = resume is not None and checkpoint_is_final(resume)
     if finished:  # killed after the last step, before the final save: finish it, do not train a step more
-        _install_checkpoint_weights(resume, config.output_dir / "final", trainer)
+        install_checkpoint_weights(resume, config.output_dir / "final", trainer)
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if trainer.nan_step is not None:
         good = last_checkpoint(config.output_dir)
-        print(f"error: the loss became NaN/inf at step {trainer.nan_step}; training stopped. The last good "
-              f"checkpoint is {good or 'none'}; lower training.learning_rate or check the data, then --resume.",
-              file=sys.stderr)
+        say(f"error: the loss became NaN/inf at step {trainer.nan_step}; training stopped. The last good "
+            f"checkpoint is {good or 'none'}; lower training.learning_rate or check the data, then --resume.")
         _leave_process_group(wait=False)
         return EXIT_NAN
     final = config.output_dir / "final"

@@ -23,11 +23,14 @@ class Problem:
     message: str
     line: int | None = None
     severity: str = "error"  # "error" | "warning"
+    column: int | None = None
 
     def render(self, path: str | Path | None = None) -> str:
         where = ""
         if path is not None:
-            where = f"{path}:{self.line}: " if self.line else f"{path}: "
+            where = f"{path}: "
+            if self.line:
+                where = f"{path}:{self.line}:{self.column}: " if self.column else f"{path}:{self.line}: "
         label = "warning: " if self.severity == "warning" else ""
         return f"{where}{label}{self.key}: {self.message}" if self.key else f"{where}{label}{self.message}"
 
@@ -44,18 +47,36 @@ class SpecError(Exception):
         return [p.render(self.path) for p in self.problems]
 
 
+MAX_SPEC_BYTES = 2**20  # a spec is a few hundred bytes; this bound keeps /dev/zero-like inputs from hanging
+
+
 def read_spec_text(path: str | Path) -> str:
+    """The spec's text: a regular file (not a FIFO or a device, which could block or never end), at most
+    MAX_SPEC_BYTES, UTF-8, a leading byte-order mark accepted (as the data reader accepts it)."""
+    import stat
+
     p = Path(path)
-    if not p.exists():
-        raise SpecError([Problem("", f"spec file not found: {p}")])
-    if p.is_dir():
-        raise SpecError([Problem("", f"{p} is a directory; pass a spec file such as {p}/spec.toml")])
     try:
-        return p.read_text(encoding="utf-8")
+        st = p.stat()
+    except FileNotFoundError:
+        raise SpecError([Problem("", f"spec file not found: {p}")]) from None
+    except OSError as exc:
+        raise SpecError([Problem("", f"cannot read {p}: {exc.strerror or exc}")]) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SpecError([Problem("", f"{p} is a directory; pass a spec file such as {p}/spec.toml")])
+    if not stat.S_ISREG(st.st_mode):
+        raise SpecError([Problem("", f"{p} is not a regular file (a pipe or a device); pass a spec file")])
+    try:
+        with p.open("rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
+    except OSError as exc:
+        raise SpecError([Problem("", f"cannot read {p}: {exc.strerror or exc}")]) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([Problem("", f"{p} is larger than {MAX_SPEC_BYTES // 1024} KiB: not a spec")])
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         raise SpecError([Problem("", f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
-    except OSError as exc:
-        raise SpecError([Problem("", f"cannot read {p}: {exc.strerror}")]) from None
 
 
 _TOML_POS = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$")
@@ -64,6 +85,8 @@ _TOML_POS = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col
 def parse_toml(text: str, path: str | Path = "spec") -> dict:
     try:
         return tomllib.loads(text)
+    except RecursionError:
+        raise SpecError([Problem("", "TOML nested too deeply to be a spec")], path) from None
     except tomllib.TOMLDecodeError as exc:
         text_msg = str(exc)
         if text_msg.endswith("(at end of document)"):
@@ -72,10 +95,10 @@ def parse_toml(text: str, path: str | Path = "spec") -> dict:
             text_msg = f"{text_msg.removesuffix('(at end of document)').strip()} (at line {end_line}, column {end_col})"
         m = _TOML_POS.match(text_msg)
         if m:
-            msg = f"{path}:{m['line']}:{m['col']}: TOML syntax error: {m['msg']}"
+            problem = Problem("", f"TOML syntax error: {m['msg']}", int(m["line"]), column=int(m["col"]))
         else:
-            msg = f"{path}: TOML syntax error: {text_msg}"
-        raise SpecError([Problem("", msg)]) from None
+            problem = Problem("", f"TOML syntax error: {text_msg}")
+        raise SpecError([problem], path) from None
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -145,10 +168,13 @@ def _merge_union_errors(problems: list[Problem], errors: list[dict]) -> list[Pro
             out.append(problems[idx[0]])
             continue
         got = errors[idx[0]].get("input")
-        wants = " or ".join(dict.fromkeys(_expectation(errors[n]) for n in idx))
         items = [problems[n].message for n in idx if problems[n].message.startswith("item ")]
+        # an error inside a list member is about the list's items: "a list of strings", not "a string"
+        wants = " or ".join(dict.fromkeys(
+            f"a list of {_expectation(errors[n]).removeprefix('a ')}s" if problems[n].message.startswith("item ")
+            else _expectation(errors[n]) for n in idx))
         detail = f"; {'; '.join(items)}" if items else ""
-        out.append(Problem(key, f"must be {wants} (got {got!r}){detail}", problems[idx[0]].line))
+        out.append(Problem(key, f"must be {wants} (got {_shown(got)}){detail}", problems[idx[0]].line))
     return out
 
 
@@ -163,7 +189,7 @@ def _printable(part: str) -> str:
 def _message(err: dict) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     got = err.get("input")
-    shown = repr(got) if not isinstance(got, dict) else "a table"
+    shown = _shown(got)
     if kind == "greater_than_equal":
         return f"must be ≥ {ctx['ge']} (got {shown})"
     if kind == "greater_than":
@@ -185,6 +211,14 @@ def _message(err: dict) -> str:
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{err['msg'].lower()} (got {shown})"
     return f"{err['msg']} (got {shown})"
+
+
+def _shown(value) -> str:
+    """A value as an error message quotes it: a table is "a table", and long values are cut."""
+    if isinstance(value, dict):
+        return "a table"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}… ({len(text):,} characters)"
 
 
 def _fields_at(loc: list[str]) -> list[str]:
@@ -218,7 +252,15 @@ class _KeyLines:
     def __init__(self, text: str):
         self.index: dict[tuple[str, ...], int] = {}
         table: tuple[str, ...] = ()
+        inside = None  # the delimiter of the multi-line string the line is in, if any
         for number, line in enumerate(text.splitlines(), start=1):
+            if inside is not None:  # the content of a multi-line string is no key and no header
+                if line.count(inside) % 2 == 1:
+                    inside = None
+                continue
+            for delim in ('"""', "'''"):
+                if line.count(delim) % 2 == 1:
+                    inside = delim
             m = self._header.match(line)
             if m:
                 table = tuple(part.strip().strip('"') for part in m.group(1).split("."))

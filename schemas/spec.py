@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 MethodName = Literal["full", "lora", "qlora", "dora", "qdora"]
 METHOD_NAMES: tuple[str, ...] = ("full", "lora", "qlora", "dora", "qdora")
@@ -29,14 +30,42 @@ class ModelSpec(_Table):
     trust_remote_code: bool = Field(False, description="Allow the model's own Python code from the hub to run when it is loaded. Off unless you trust the repository.")
 
 
+DataFormat = Literal["auto", "chat", "sharegpt", "instruction", "completion", "text"]
+
+
+def _paths(value: object) -> object:
+    """A file path, or a non-empty list of them (one error line either way, not one per union member)."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return value
+    raise PydanticCustomError("data_paths", "must be a file path or a non-empty list of file paths")
+
+
+Paths = Annotated[object, PlainValidator(_paths), WithJsonSchema({"anyOf": [
+    {"type": "string", "minLength": 1}, {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]})]
+
+
+class DataSource(_Table):
+    """One `[[data.sources]]` table: a data file with its own format and sampling weight."""
+
+    path: str = Field(min_length=1, description="A data file: .jsonl, .json, .csv, .parquet or .txt. Relative paths are relative to the spec file.")
+    format: DataFormat | None = Field(None, description="This file's record layout. Default: data.format (`auto`: detected from the file's first record).")
+    weight: float = Field(1.0, gt=0, le=1000, description="Copies of each of this file's records per epoch: 2.0 = every record twice, 0.5 = a seeded random half (rounded half up), 1.5 = all once and a seeded half twice. Held-out records are never repeated.")
+
+
 class DataSpec(_Table):
     num_examples: int | None = Field(default=None, ge=1, le=10**12, description="How many training examples. Needed for time, cost and steps per epoch.")
     seq_len: int | None = Field(default=None, ge=1, le=2**22, description="Maximum tokens per training sequence: what a batch row is padded or packed to. Default: 2048, capped at the model's maximum.")
     avg_tokens: int | None = Field(default=None, ge=1, le=2**22, description="Mean tokens per example, for time estimates. Default: seq_len (every row full).")
-    path: str | None = Field(default=None, min_length=1, description="Training data: a local JSONL, JSON, CSV or Parquet file (or a hub dataset name when online). Optional for plan/estimate; required for generate/run.")
-    format: Literal["auto", "chat", "instruction", "completion", "text"] = Field("auto", description="Record layout: chat (messages), instruction (instruction/input/output), completion (prompt/completion) or text. `auto` detects it from the first record.")
+    path: Paths | None = Field(default=None, description="Training data: a file or a list of files (.jsonl, .json, .csv, .parquet, or .txt: plain text, documents separated by blank lines), or a hub dataset name when online. Each file's format is detected on its own, so formats may be mixed. Optional for plan/estimate; required for generate/run unless [[data.sources]] is given.")
+    sources: Annotated[list[DataSource], Field(min_length=1)] | None = Field(None, description="Data files as tables with a path, an optional format and an optional sampling weight: [[data.sources]] path = \"chat.jsonl\" weight = 2.0. Used together with data.path when both are set.")
+    eval_path: Paths | None = Field(default=None, description="Held-out evaluation data: a file or a list of files, in any format above. When set, eval_fraction is not used.")
+    format: DataFormat = Field("auto", description="Record layout: chat (messages), sharegpt (conversations with from/value), instruction (instruction/input/output), completion (prompt/completion) or text. `auto` detects it from each file's first record; .txt files are text.")
+    roles: dict[str, Literal["system", "user", "assistant", "tool", "tool_call"]] | None = Field(None, description="Role names in chat/sharegpt data mapped to chat roles, added to the defaults (human/user → user, gpt/assistant/model → assistant, system, tool/observation/function → tool, function_call → tool_call: an assistant turn that calls a tool), e.g. {bot = \"assistant\"}.")
+    txt_split: Literal["blank_line", "line"] = Field("blank_line", description="How .txt files split into examples: `blank_line` (documents separated by one or more blank lines) or `line` (every non-blank line).")
     packing: bool | None = Field(None, description="Pack several examples into each seq_len row instead of padding. Default: chosen by the planner.")
-    eval_fraction: float | None = Field(default=None, ge=0, lt=1, description="Fraction of examples held out for evaluation. Default: chosen by the planner.")
+    eval_fraction: float | None = Field(default=None, ge=0, lt=1, description="Fraction of examples held out for evaluation (not used when eval_path is set). Default: chosen by the planner.")
 
 
 class HardwareSpec(_Table):
@@ -45,7 +74,9 @@ class HardwareSpec(_Table):
     count: int = Field(default=1, ge=1, le=2**16, description="Devices per node.")
     nodes: int = Field(default=1, ge=1, le=2**16, description="Number of nodes (machines).")
     network_gbps: float | None = Field(default=None, gt=0, le=10**6, description="Bandwidth between nodes in GB/s per node (multi-node runs). Default: 12.5 (100 Gb/s Ethernet).")
-    price_usd_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="Your price for one device-hour, overriding the catalog's typical price.")
+    tflops: float | None = Field(default=None, gt=0, le=10**6, description="Dense 16-bit peak TFLOPS of one device (fp32 for `cpu`), for the time estimate of a device that is not in the catalog, of the CPU, or to override the catalog's figure.")
+    price_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="Your price in US dollars for one device-hour, overriding the catalog's typical price (needed for a cost estimate of a device not in the catalog).")
+    price_usd_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="The earlier name of price_per_hour (still accepted; set only one of them).")
 
 
 class MethodSpec(_Table):

@@ -89,8 +89,8 @@ def check_cli(spec_path: Path, command: str) -> int:
                 continue
             for key in ("peak_allocated_bytes", "device_total_bytes"):
                 assert isinstance(m[key], int) and not isinstance(m[key], bool) and m[key] >= 0, (name, key, shown)
-    if rc == 3:
-        assert command == "plan", shown
+    if rc == 3:  # nothing fits: plan at any geometry it searched, estimate at the one it estimated
+        assert command in ("plan", "estimate"), shown
     return rc
 
 

@@ -7,6 +7,16 @@ import os
 
 import tomli_w
 
+def free_port() -> str:
+    """A TCP port nothing listens on now (the OS picks it), for a launcher's rendezvous: tests never assume a
+    fixed port such as 29500 is free."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 

@@ -45,7 +45,8 @@ def snapshot(d: Path) -> dict[str, bytes]:
 
 
 def stray(*dirs: Path) -> list[str]:
-    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir() if ".peftplan-" in p.name]
+    """Leftovers of an unfinished generate: staging folders (the lock and manifest are the project's own)."""
+    return [str(p) for d in dirs if d.is_dir() for p in d.iterdir() if ".peftplan-staging-" in p.name]
 
 
 def assert_clear_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -200,7 +201,7 @@ def test_file_size_limit_with_force_keeps_existing_project(ws, tmp_path):
 @pytest.fixture
 def small_tmpfs(tmp_path):
     d = tmp_path / "tmpfs"
-    _mount_tmpfs(d, "size=200k")
+    _mount_tmpfs(d, "size=1m")
     try:
         yield d
     finally:
@@ -252,23 +253,22 @@ def hit():
         print("READY", flush=True)
         time.sleep(600)
 
-if PHASE == "write":
-    orig_write = pathlib.Path.write_text
-    def write_text(self, *a, **k):
+if PHASE == "write":  # a file written into the staging folder
+    orig_write = pathlib.Path.write_bytes
+    def write_bytes(self, *a, **k):
         r = orig_write(self, *a, **k)
-        if ".peftplan-" in str(self):
+        if ".peftplan-staging-" in str(self):
             hit()
         return r
-    pathlib.Path.write_text = write_text
-else:  # "rename" (fresh folder moved into place) or "replace" (--force: files moved one by one)
-    name = PHASE
-    orig = getattr(os, name)
-    def moved(src, dst, *a, **k):
+    pathlib.Path.write_bytes = write_bytes
+else:  # "link": a file placed into the project
+    orig = os.link
+    def link(src, dst, *a, **k):
         r = orig(src, dst, *a, **k)
-        if ".peftplan-" in str(src) or ".peftplan-" in str(dst):
+        if ".peftplan-staging-" in str(src):
             hit()
         return r
-    setattr(os, name, moved)
+    os.link = link
 from peftplan.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -297,19 +297,34 @@ def kill_generate_at(spec: Path, out: Path, phase: str, n: int, *extra: str) -> 
         wrapper.unlink()
 
 
-@pytest.mark.parametrize("phase,n", [("write", 1), ("write", 10), ("write", -1), ("rename", 1)])
-def test_generate_killed_midway_leaves_nothing_or_a_complete_project(ws, tmp_path, reference, phase, n):
-    n = len(reference) if n == -1 else n  # -1: after the last file, before the move into place
+def manifest_state(project: Path) -> str:
+    first = (project / ".peftplan_files").read_text().splitlines()[0]
+    return first.rsplit(" ", 1)[-1]  # pending | complete
+
+
+def assert_refused_by_runtime(project: Path) -> None:
+    proc = subprocess.run([sys.executable, "train.py"], cwd=project, capture_output=True, text=True, env=ENV,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("phase,n", [("write", 1), ("write", -1), ("link", 1), ("link", 10)])
+def test_generate_killed_midway_is_detected_and_completed(ws, tmp_path, reference, phase, n):
+    # -1: after the last staged file, before anything is placed
+    n = len(reference) - 2 if n == -1 else n  # staged: every file but the lock and the manifest
     out = tmp_path / "proj"
     kill_generate_at(ws / "spec.toml", out, phase, n)
-    if out.exists():
-        assert_complete(out, reference)
-    leftovers = stray(tmp_path)
-    # the next generate works, with --force only where a complete project is already there
-    proc = generate(ws / "spec.toml", out, *(["--force"] if out.exists() else []))
+    assert out.is_dir()  # claimed first, then filled
+    if (out / "train.py").exists():
+        assert manifest_state(out) == "pending"
+        assert_refused_by_runtime(out)
+    # the next generate completes it: no --force needed for an interrupted generation of peftplan's own
+    proc = generate(ws / "spec.toml", out)
     assert proc.returncode == 0, proc.stderr
     assert_complete(out, reference)
-    assert not [p for p in stray(tmp_path) if p not in leftovers]  # the rerun itself leaves nothing new
+    assert manifest_state(out) == "complete"
+    assert not stray(tmp_path) and not stray(out)
 
 
 def _generation(project: Path) -> tuple[str, str]:
@@ -319,29 +334,24 @@ def _generation(project: Path) -> tuple[str, str]:
     return f"{float(readme):g}", f"{plan['training']['learning_rate']:g}"
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_generate_force_killed_midway_is_not_half_old_half_new(ws, tmp_path, reference, n):
-    """--force swaps whole folders: the old project is renamed aside (rename #1), the new one, with the
-    user's files hard-linked in, renamed into place (rename #2). Killed after #1 the project folder is
-    briefly absent (the old one waits beside it) and the next command puts it back; killed after #2 the new
-    project is complete. Never a mix of the old plan and the new one, never a lost user file."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_generate_force_killed_midway_never_runs_half_old_half_new(ws, tmp_path, reference, n):
+    """--force places new files one by one (each only after checking the old one is ours). Killed midway, the
+    project is marked pending: the runtime refuses to train a mix of the old plan and the new one, the user's
+    own file is untouched, and the next --force completes the new project."""
     out = tmp_path / "proj"
     assert generate(ws / "spec.toml", out).returncode == 0  # learning_rate 1e-3
     (out / "my_notes.txt").write_text("mine")
-    kill_generate_at(ws / "spec-b.toml", out, "rename", n, "--force")  # learning_rate 5e-4
-    if out.exists():
-        readme_lr, plan_lr = _generation(out)
-        assert readme_lr == plan_lr, f"README.md describes lr {readme_lr}, plan.toml trains with lr {plan_lr}"
-        assert (out / "my_notes.txt").read_text() == "mine"
-    else:
-        assert n == 1
-        kept = list(tmp_path.glob(".proj.peftplan-old-*"))
-        assert len(kept) == 1 and (kept[0] / "my_notes.txt").read_text() == "mine"
-    proc = generate(ws / "spec-b.toml", out, "--force")  # the next command restores, then regenerates
+    kill_generate_at(ws / "spec-b.toml", out, "link", n, "--force")  # learning_rate 5e-4
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert manifest_state(out) == "pending"
+    assert_refused_by_runtime(out)
+    proc = generate(ws / "spec-b.toml", out, "--force")
     assert proc.returncode == 0, proc.stderr
     assert (out / "my_notes.txt").read_text() == "mine"
     assert _generation(out) == ("0.0005", "0.0005")
-    assert not list(tmp_path.glob(".proj.peftplan-old-*"))
+    assert_complete(out, {**reference, "my_notes.txt": b"mine"})
+    assert not stray(tmp_path) and not stray(out)
 
 
 # ------------------------------------------------------------------- 4, 5. training: resume and NaN
@@ -456,3 +466,19 @@ def test_nan_loss_stops_with_exit_4_and_keeps_a_good_checkpoint(training):
     for step, ckpt in ckpts.items():  # every checkpoint left behind is usable for --resume
         w = load_file(ckpt / "adapter_model.safetensors")
         assert all(torch.isfinite(v).all() for v in w.values()), f"{ckpt} holds non-finite weights"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit,words", [("rank = 4", "rank = 8"), ("name = \"lora\"", "name = \"dora\"")])
+def test_resume_after_regenerating_with_another_adapter_is_refused(training, tmp_path, edit, words):
+    """The project regenerated with another rank (or method) and --resume: one line saying why, exit 2, before
+    the model loads (not a state_dict traceback after it)."""
+    project = tmp_path / "regenerated"
+    shutil.copytree(training["root"] / "good", project)
+    plan = project / "plan.toml"
+    text = plan.read_text()
+    assert edit in text
+    plan.write_text(text.replace(edit, words, 1))
+    r = _finish(_start_train(project, "--resume"), timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "cannot be resumed with this plan" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

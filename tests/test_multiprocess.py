@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import OFFLINE_ENV, cpu_spec
+from support import OFFLINE_ENV, cpu_spec, free_port
 
 torch = pytest.importorskip("torch", reason="needs the [train] extra")
 
@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
                              capture_output=True, text=True, env=ENV)
         assert gen.returncode == 0, gen.stderr
         run = subprocess.run([sys.executable, "-m", "peftplan", "run", str(proj)], capture_output=True, text=True,
-                             env=ENV, timeout=600)
+                             env={**ENV, "MAIN_PROCESS_PORT": free_port()}, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         out[name] = proj
     return out
@@ -154,7 +154,7 @@ def test_two_nodes_through_run_sh(runs, tmp_path):
     assert gen.returncode == 0, gen.stderr
     shutil.copytree(tmp_path / "node0", tmp_path / "node1")
     env = {**ENV, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ENV.get('PATH', '')}",
-           "MAIN_PROCESS_IP": "127.0.0.1"}
+           "MAIN_PROCESS_IP": "127.0.0.1", "MAIN_PROCESS_PORT": free_port()}
     procs = [subprocess.Popen(["./run.sh"], cwd=tmp_path / f"node{rank}", env={**env, "MACHINE_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (1, 0)]
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -105,11 +105,20 @@ def test_generate_train_reload_merge(workspace, method):
     assert torch.equal(a, b)
     base = AutoModelForCausalLM.from_pretrained(workspace / "model", dtype=torch.float32)
     assert (probe_logits(base, tok) - a).abs().max() > 1e-4
-    # merge into a 16-bit (here: the fp32 CPU compute dtype) de-quantized base; plain transformers loads it
+    # merge into a de-quantized base; plain transformers loads it. By default the weights are bfloat16 (what
+    # the help promises, whatever dtype training used); --dtype float32 keeps the comparison exact.
     proc = subprocess.run([sys.executable, "-m", "peftplan", "merge", str(project)], capture_output=True, text=True,
                           env=ENV)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    merged = AutoModelForCausalLM.from_pretrained(project / "outputs" / "merged", dtype=torch.float32)
+    from safetensors import safe_open
+
+    with safe_open(str(next((project / "outputs" / "merged").glob("*.safetensors"))), framework="pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"BF16"}
+    proc = subprocess.run([sys.executable, "-m", "peftplan", "merge", str(project), "-o",
+                           str(project / "outputs" / "merged32"), "--dtype", "float32"],
+                          capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = AutoModelForCausalLM.from_pretrained(project / "outputs" / "merged32", dtype=torch.float32)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     diff = (probe_logits(merged, tok) - a).abs().max().item()
     assert diff < 1e-3 * max(1.0, a.abs().max().item()), diff  # fp32: merging is exact up to rounding
