@@ -1,11 +1,68 @@
-"""Present a plan: the CONTRACT.md JSON, and a rich summary a colleague can read."""
+"""Present a plan: the JSON every script reads, and a rich summary a colleague can read.
+
+The notes of a plan are the plan's own: a key the spec left out is reported with the value the plan
+chose for it (not the estimate's placeholder), and every warning — the spec's, the model's, the plan's —
+is printed once.
+"""
 
 from __future__ import annotations
 
+from ..console import styled
 from . import assumptions as A
 from .choose import Candidate, PlanResult
-from .report import breakdown_bar, COLORS
-from .terms import COMPONENTS, duration, gib
+from .report import warning_line, breakdown_bar, legend
+from .terms import duration, gib
+
+# hyperparameter -> the spec key it fills
+SPEC_KEYS = {
+    "rank": "method.rank", "alpha": "method.alpha", "dropout": "method.dropout",
+    "target_modules": "method.target_modules", "learning_rate": "training.learning_rate",
+    "lr_scheduler": "training.lr_scheduler", "warmup_ratio": "training.warmup_ratio", "epochs": "training.epochs",
+    "eval_fraction": "data.eval_fraction",
+}
+# keys the estimate notes with a placeholder the plan replaces by its own choice
+PLANNED = ("training.micro_batch_size", "training.gradient_accumulation_steps", "training.gradient_checkpointing",
+           "training.optimizer", "method.rank", "method.alpha", "method.dropout", "method.target_modules",
+           "method.rank/", "method.alpha/", "method.dropout/")
+
+
+def plan_notes(result: PlanResult) -> list[str]:
+    """The notes of the plan: the estimate's own notes, with every key the plan chose stated as chosen."""
+    rep = result.report
+    kept = [n for n in [*rep.hardware.notes, *rep.resolved.notes] if not n.startswith(PLANNED)]
+    c = result.chosen
+    if c is None:
+        return kept
+    out = list(kept)
+    for key, value, why in _geometry_choices(result, c):
+        out.append(f"{key} not set: {value!r} ({why})")
+    for k, v in result.hyperparameters.items():
+        if k in SPEC_KEYS and not v.user_set:
+            out.append(f"{SPEC_KEYS[k]} not set: {v.value!r} ({v.why})")
+    return out
+
+
+def _geometry_choices(result: PlanResult, c: Candidate) -> list[tuple[str, object, str]]:
+    """(key, value, why) for the geometry keys the spec left out."""
+    g = c.setup.geometry
+    given = result.given
+    out = []
+    if "training.micro_batch_size" not in given:
+        out.append(("training.micro_batch_size", g.micro_batch_size, "the fastest geometry that fits"))
+    if "training.gradient_accumulation_steps" not in given:
+        out.append(("training.gradient_accumulation_steps", c.accumulation,
+                    f"effective batch {c.effective_batch} over {c.devices} device(s)"))
+    if "training.gradient_checkpointing" not in given:
+        out.append(("training.gradient_checkpointing", g.gradient_checkpointing,
+                    "needed to fit or faster overall" if g.gradient_checkpointing else "not needed: no recomputation"))
+    if "training.optimizer" not in given:
+        out.append(("training.optimizer", c.setup.optimizer, "32-bit AdamW unless memory needs 8-bit or paged state"))
+    return out
+
+
+def plan_warnings(result: PlanResult) -> list[str]:
+    return [warning_line(p.render()) for p in result.report.resolved.warnings] + \
+        [f"warning: {w}" for w in result.warnings]
 
 
 def _method_json(result: PlanResult, c: Candidate) -> dict:
@@ -16,13 +73,15 @@ def _method_json(result: PlanResult, c: Candidate) -> dict:
         "device_total_bytes": est.device_total_bytes,
         "fits": c.fits,
         "headroom_bytes": result.report.usable_bytes - c.needed_bytes,
-        "evictable_bytes": est.evictable_bytes,
+        "evictable_bytes": est.device_total_bytes - c.needed_bytes,
+        "paged_to_host_bytes": c.paging.bytes if c.paging else 0,
         "trainable_parameters": est.trainable_parameters,
         "peak_phase": est.phase,
         "components": est.components(),
         "geometry": {"micro_batch_size": g.micro_batch_size, "seq_len": g.seq_len,
                      "gradient_checkpointing": g.gradient_checkpointing,
-                     "gradient_accumulation_steps": c.accumulation, "optimizer": c.setup.optimizer},
+                     "gradient_accumulation_steps": c.accumulation, "optimizer": c.setup.optimizer,
+                     "dropout": c.setup.adapter.dropout},
         "parallelism": c.parallelism,
         "devices": c.devices,
         "time": c.time.as_dict() if c.time else None,
@@ -34,6 +93,8 @@ def _method_json(result: PlanResult, c: Candidate) -> dict:
 def plan_json(result: PlanResult) -> dict:
     out = result.report.to_json()
     out["methods"] = {m: _method_json(result, c) for m, c in result.best.items()}
+    out["notes"] = plan_notes(result)
+    out["warnings"] = plan_warnings(result)  # one "warning: …" line each, as `estimate --json` writes them
     c = result.chosen
     if c is not None:
         g = c.setup.geometry
@@ -47,12 +108,14 @@ def plan_json(result: PlanResult) -> dict:
             "rationale": {k: ("set in the spec" if v.user_set else v.why) for k, v in result.hyperparameters.items()},
             "geometry": {"micro_batch_size": g.micro_batch_size, "gradient_accumulation_steps": c.accumulation,
                          "gradient_checkpointing": g.gradient_checkpointing, "seq_len": g.seq_len,
-                         "optimizer": c.setup.optimizer, "attention": g.attention},
+                         "optimizer": c.setup.optimizer, "attention": g.attention,
+                         "effective_batch_size": c.effective_batch},
             "parallelism": c.parallelism,
             "devices": c.devices,
             "precision": result.report.resolved.precision,
             "estimate": {"peak_allocated_bytes": c.estimate.peak_allocated_bytes,
-                         "device_total_bytes": c.estimate.device_total_bytes},
+                         "device_total_bytes": c.estimate.device_total_bytes,
+                         "paged_to_host_bytes": c.paging.bytes if c.paging else 0},
             "time": ({"tokens": c.time.tokens, "seconds": round(c.time.seconds, 1),
                       "low_seconds": round(c.time.low_seconds, 1), "high_seconds": round(c.time.high_seconds, 1),
                       "assumptions": list(c.time.assumptions)} if c.time else None),
@@ -66,7 +129,14 @@ def plan_json(result: PlanResult) -> dict:
     return out
 
 
-_gib, _dur = gib, duration
+def _memory_line(result: PlanResult, c: Candidate) -> str:
+    rep = result.report
+    text = (f"memory   {gib(c.needed_bytes)} of {gib(rep.usable_bytes)} usable per device "
+            f"(peak allocated {gib(c.estimate.peak_allocated_bytes)}, at the {c.estimate.phase} phase)")
+    if c.paging:
+        text += (f" + {gib(c.paging.bytes)} of optimizer state paged to host memory every step "
+                 f"({gib(c.estimate.device_total_bytes)} in all)")
+    return text
 
 
 def render_plan(result: PlanResult, console) -> None:
@@ -77,72 +147,69 @@ def render_plan(result: PlanResult, console) -> None:
     rep = result.report
     dev = rep.hardware.device
     c = result.chosen
-    head = f"[bold]{rep.model.name}[/] on {rep.hardware.count * rep.hardware.nodes} × [bold]{dev.name}[/] " \
-           f"({_gib(dev.memory_bytes)} each, {A.FIT_HEADROOM_FRACTION:.0%} kept free)"
+    head = styled((rep.model.name, "bold"), f" on {rep.hardware.count * rep.hardware.nodes} × ", (dev.name, "bold"),
+                  f" ({gib(dev.memory_bytes)} each, {A.FIT_HEADROOM_FRACTION:.0%} kept free)")
     if c is not None:
         g = c.setup.geometry
         par = f" with {c.parallelism.upper()} over {c.devices} devices" if c.devices > 1 else ""
         lines = [head, "",
-                 f"[bold green]{c.method.upper()}[/]{par}  — {result.reasons[0] if result.reasons else ''}",
-                 f"memory   {_gib(c.needed_bytes)} of {_gib(rep.usable_bytes)} usable per device "
-                 f"(peak allocated {_gib(c.estimate.peak_allocated_bytes)}, at the {c.estimate.phase} phase)",
-                 f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens, accumulation {c.accumulation}, "
-                 f"gradient checkpointing {'on' if g.gradient_checkpointing else 'off'}, {c.setup.optimizer}, "
-                 f"{rep.resolved.precision}, {g.attention}"]
+                 styled((c.method.upper(), "bold green"), f"{par}  — {result.reasons[0] if result.reasons else ''}"),
+                 _memory_line(result, c),
+                 f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens, accumulation {c.accumulation} "
+                 f"(effective batch {c.effective_batch}), gradient checkpointing "
+                 f"{'on' if g.gradient_checkpointing else 'off'}, {c.setup.optimizer}, {rep.resolved.precision}, "
+                 f"{g.attention} attention"]
         if c.time:
             cost = f", ~${c.cost_usd:,.2f} at ${dev.price_usd_per_hour}/h ({dev.price_date})" if c.cost_usd is not None else ""
-            lines.append(f"time     ~{_dur(c.time.seconds)} (range {_dur(c.time.low_seconds)}–{_dur(c.time.high_seconds)}) "
-                         f"for {c.time.tokens / 1e6:,.1f}M tokens{cost}")
+            lines.append(f"time     ~{duration(c.time.seconds)} (range {duration(c.time.low_seconds)}–"
+                         f"{duration(c.time.high_seconds)}) for {c.time.tokens / 1e6:,.1f}M tokens{cost}")
+        else:
+            lines.append("time     unknown: set data.num_examples (and data.avg_tokens) for time and cost")
         if result.steps_per_epoch:
-            lines.append(f"steps    {result.steps_per_epoch} optimizer steps per epoch")
-        console.print(Panel("\n".join(lines), title="peftplan plan", title_align="left"))
+            held = float(result.hyperparameters["eval_fraction"].value)
+            split = f", {held:.1%} of the examples held out for evaluation" if held else ", no held-out split"
+            lines.append(f"steps    {result.steps_per_epoch} optimizer steps per epoch{split}")
+        console.print(Panel(Text("\n").join(styled(x) for x in lines), title="peftplan plan", title_align="left"))
         hp = Table(title="Hyperparameters", title_justify="left", show_header=True)
         hp.add_column("key")
         hp.add_column("value", justify="right")
         hp.add_column("why")
         for k, v in result.hyperparameters.items():
-            hp.add_row(k, str(v.value), "[bright_black]set in the spec[/]" if v.user_set else v.why)
+            hp.add_row(k, str(v.value), styled(("set in the spec", "bright_black")) if v.user_set else v.why)
         console.print(hp)
     else:
-        console.print(Panel(head + "\n\n[bold red]Nothing fits.[/]", title="peftplan plan", title_align="left"))
+        console.print(Panel(Text("\n").join([head, Text(""), styled(("Nothing fits.", "bold red"))]),
+                            title="peftplan plan", title_align="left"))
 
-    table = Table(title="All methods (each at its best geometry)", title_justify="left")
-    for col in ("method", "fits", "needs", "headroom", "geometry", "time", "cost", "breakdown"):
+    table = Table(title="All methods (each at its own best geometry)", title_justify="left")
+    for col in ("method", "fits", "needs", "headroom", "geometry", "time", "cost", "breakdown (bar = device memory)"):
         table.add_column(col, justify="right" if col in ("needs", "headroom", "time", "cost") else "left")
-    scale = max(rep.memory_bytes, *(x.estimate.device_total_bytes for x in result.best.values()))
     for m, x in result.best.items():
         g = x.setup.geometry
-        mark = Text("✓", style="green") if x.fits else Text("✗", style="red")
+        mark = Text("✓ paged", style="yellow") if x.paging else Text("✓", style="green")
+        if not x.fits:
+            mark = Text("✗", style="red")
         if c is not None and m == c.method:
-            mark = Text("★", style="bold green")
+            mark = Text("★ paged" if x.paging else "★", style="bold green")
         head_bytes = rep.usable_bytes - x.needed_bytes
-        table.add_row(m, mark, _gib(x.needed_bytes), Text(_gib(head_bytes), style="green" if head_bytes >= 0 else "red"),
+        table.add_row(m, mark, gib(x.needed_bytes), Text(gib(head_bytes), style="green" if head_bytes >= 0 else "red"),
                       f"mb {g.micro_batch_size}, gc {'on' if g.gradient_checkpointing else 'off'}, {x.setup.optimizer}"
                       + (f", {x.parallelism}×{x.devices}" if x.devices > 1 else ""),
-                      _dur(x.seconds) if x.time else "?",
+                      duration(x.time.seconds) if x.time else "?",
                       f"${x.cost_usd:,.0f}" if x.cost_usd is not None else "?",
-                      breakdown_bar(x.estimate.components(), scale, width=30))
+                      breakdown_bar(x.estimate.components(), rep.memory_bytes, width=30))
     console.print(table)
-    legend = Text("  ")
-    for name in COMPONENTS:
-        legend.append("█ ", style=COLORS[name]).append(name + "  ")
-    console.print(legend)
-    if result.reasons[1:]:
-        console.print("[bold]Why[/]")
-        for r in result.reasons[1:]:
-            console.print(f"  • {r}")
-    if result.rejected:
-        console.print("[bold]Alternatives[/]")
-        for r in result.rejected:
-            console.print(f"  • {r['method']}: {r['why']}")
-    if result.suggestions:
-        console.print("[bold]What would fit[/]")
-        for s in result.suggestions:
-            console.print(f"  • {s}")
+    console.print(legend())
+    for title, items in (("Why", result.reasons[1:]), ("Alternatives", [f"{r['method']}: {r['why']}" for r in result.rejected]),
+                         ("What would fit", result.suggestions)):
+        if items:
+            console.print(styled((title, "bold")))
+            for item in items:
+                console.print(styled(f"  • {item}"))
     if c is not None and c.time:
-        console.print("[bright_black]assumptions: " + "; ".join(c.time.assumptions) + "[/]")
+        console.print(styled(("assumptions: " + "; ".join(c.time.assumptions), "bright_black")))
     for line in [*rep.hardware.notes, *rep.resolved.notes]:
         if "not set" not in line:
-            console.print(f"[bright_black]note: {line}[/]")
-    for p in rep.resolved.warnings:
-        console.print(f"[yellow]warning: {p.render()}[/]")
+            console.print(styled((f"note: {line}", "bright_black")))
+    for w in plan_warnings(result):
+        console.print(styled((w, "yellow")))

@@ -2,17 +2,12 @@
 
 Logic lives here; templates (templates/project/*.j2) stay dumb: StrictUndefined, and every value goes
 through an escaping filter for the language it lands in (TOML, shell, YAML, Markdown, comments).
-The project is built in a temporary folder next to the target and moved into place; an existing
-folder is refused without --force, and --force replaces only the files peftplan generates.
+Writing into the user's folder is planner/writer.py's job: only files peftplan wrote are ever replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +16,7 @@ from ..schemas import Problem, Spec, SpecError
 from .choose import PlanResult
 from .resolve import ResolvedModel
 from .terms import duration
+from .writer import ConflictError, GenerateError, write_project  # noqa: F401  (re-exported for the CLI)
 
 TEMPLATES = {  # template -> file in the project
     "README.md.j2": "README.md",
@@ -37,10 +33,6 @@ TEMPLATES = {  # template -> file in the project
 EXECUTABLE = {"run.sh", "train.py", "merge.py", "evaluate.py"}
 RUNTIME_PACKAGE = "peftplan_runtime"
 RUNTIME_SKIP = {"testing.py"}
-
-
-class GenerateError(Exception):
-    """The project could not be written (permissions, disk full): nothing of it is left behind."""
 
 
 # --- escaping filters ------------------------------------------------------------------------------
@@ -69,16 +61,32 @@ def f_mdcode(value) -> str:
 
 
 def f_sh(value) -> str:
-    """One shell word, exactly the value, on one line: POSIX quoting, or bash's $'…' for control characters."""
+    """One shell word that is exactly the value, on one printable line. Plain POSIX quoting when every
+    character is safe to show; otherwise bash's $'…' with each byte of the UTF-8 encoding of an unsafe character
+    as \\xHH (two hex digits always: never read together with a following character), and lone surrogates
+    (undecodable bytes in a file name) as the byte they stand for. Safe: printable, not a space other than
+    U+0020, not a bidi or zero-width format character."""
     import shlex
+    import unicodedata
 
     text = str(value)
-    if text.isprintable():
+
+    def safe(ch: str) -> bool:
+        if ch == " ":
+            return True
+        return ch.isprintable() and unicodedata.category(ch) not in ("Zs", "Cf", "Zl", "Zp", "Cs")
+
+    if all(safe(ch) for ch in text):
         return shlex.quote(text)
-    escaped = "".join(ch if ch.isprintable() and ch not in "\\'" else
-                      {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(ch, f"\\x{ord(ch):02x}")
-                      for ch in text)
-    return f"$'{escaped}'"
+    out = []
+    for ch in text:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif safe(ch):
+            out.append(ch)
+        else:
+            out.append("".join(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape")))
+    return "$'" + "".join(out) + "'"
 
 
 def f_yamlstr(value) -> str:
@@ -126,20 +134,50 @@ def model_location(model: ResolvedModel) -> str:
 _dur = duration
 
 
+def _data_path(raw: str, spec_path: Path, key: str) -> str:
+    """A data file as the plan records it: absolute; a hub dataset name (org/name) that is no local path stays a
+    name (the runtime fetches it when online)."""
+    path = Path(raw).expanduser()
+    path = (path if path.is_absolute() else spec_path.parent / path).resolve()
+    hub_id = raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix
+    if hub_id and not path.exists():
+        return raw
+    if not path.exists():
+        raise SpecError([Problem(key, f"{path} does not exist")])
+    return str(path)
+
+
+def data_files(spec: Spec, spec_path: Path) -> dict:
+    """The [data] keys of plan.toml that name files: one `path`, or `sources` (several files, formats, weights);
+    `eval_path`; `format`, `roles`, `txt_split` as the spec sets them."""
+    d = spec.data
+    paths = [] if d.path is None else ([d.path] if isinstance(d.path, str) else list(d.path))
+    if not paths and not d.sources:
+        raise SpecError([Problem("data.path", "required for generate: the training data (a file, a list of files, "
+                                              "or [[data.sources]] tables; .jsonl, .json, .csv, .parquet or .txt)")])
+    sources = [{"path": _data_path(p, spec_path, "data.path")} for p in paths]
+    for s in d.sources or []:
+        entry = {"path": _data_path(s.path, spec_path, "data.sources")}
+        if s.format:
+            entry["format"] = s.format
+        if s.weight != 1.0:
+            entry["weight"] = float(s.weight)
+        sources.append(entry)
+    held = [] if d.eval_path is None else ([d.eval_path] if isinstance(d.eval_path, str) else list(d.eval_path))
+    out = {"format": d.format, "txt_split": d.txt_split, "roles": dict(d.roles or {}),
+           "eval_path": [_data_path(p, spec_path, "data.eval_path") for p in held]}
+    if len(sources) == 1 and set(sources[0]) == {"path"}:
+        out.update(path=sources[0]["path"], sources=[])
+    else:
+        out.update(path="", sources=sources)
+    return out
+
+
 def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) -> dict:
     """Everything the templates need, decided here."""
     c = result.chosen
     rep = result.report
-    if not spec.data.path:
-        raise SpecError([Problem("data.path", "required for generate: the training data file (JSONL, JSON, CSV or Parquet)")])
-    data_path = Path(spec.data.path).expanduser()
-    data_path = (data_path if data_path.is_absolute() else spec_path.parent / data_path).resolve()
-    raw = spec.data.path
-    hub_id = raw.count("/") == 1 and not raw.startswith((".", "/", "~")) and not Path(raw).suffix
-    if hub_id and not data_path.exists():
-        data_path = raw  # a hub dataset by name: the runtime fetches it when online
-    elif not data_path.exists():
-        raise SpecError([Problem("data.path", f"{data_path} does not exist")])
+    data = data_files(spec, spec_path)
     hp = result.hyperparameters
     g = c.setup.geometry
     devices = c.devices
@@ -168,6 +206,7 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
         "precision": rep.resolved.precision,
     }
     why = {k: (v.why if not v.user_set else "set in the spec") for k, v in hp.items()}
+    eval_fraction = float(hp["eval_fraction"].value)  # chosen by the planner when the spec leaves it out
     training_why = {
         "micro_batch_size": "largest that fits with the fastest geometry" if not spec.training.micro_batch_size else "set in the spec",
         "gradient_accumulation_steps": f"effective batch {g.micro_batch_size * c.accumulation * devices} sequences",
@@ -219,8 +258,10 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
                   "why": f"{rep.model.name} ({rep.model.shape.parameters / 1e9:.2f}B parameters, from {rep.model.source})"},
         "method": {"name": c.method, "why": result.reasons[0] if result.reasons else "", "order": method_keys,
                    "settings": method_values, "rationale": why},
-        "data": {"path": str(data_path), "format": spec.data.format, "seq_len": g.seq_len,
-                 "packing": bool(spec.data.packing), "eval_fraction": float(spec.data.eval_fraction or 0.0)},
+        "data": {**data, "seq_len": g.seq_len, "packing": c.packing, "eval_fraction": eval_fraction,
+                 "held_out": eval_fraction > 0 or getattr(spec.data, "eval_path", None) is not None,
+                 "eval_share": f"{eval_fraction:.1%}" if eval_fraction > 0 else "data.eval_path",
+                 "eval_why": why["eval_fraction"]},
         "training": {"order": list(training_values), "settings": training_values, "rationale": training_why},
         "prediction": prediction, "launch": launch, "launch_command": launch_command,
         "device": {"name": rep.hardware.device.name, "memory_gib": f"{rep.hardware.device.memory_bytes / 2**30:.0f}"},
@@ -256,127 +297,7 @@ def runtime_files() -> dict[str, str]:
     return out
 
 
-MANIFEST = ".peftplan_files"  # what peftplan generated here: --force replaces these, keeps the rest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _clean_stale(parent: Path, name: str) -> None:
-    """Remove unfinished builds (`.NAME.peftplan-new-*`) whose generating process is gone."""
-    for tmp in parent.glob(f".{name}.peftplan-new-*"):
-        try:
-            pid = int((tmp / ".pid").read_text())
-            os.kill(pid, 0)  # still running: leave it alone
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (OSError, ValueError):
-            continue
-
-
-def _carry_user_files(old: Path, new: Path, ours: set[str]) -> None:
-    """Hard-link (or copy) everything in `old` that peftplan did not generate into `new`."""
-    previous = set()
-    if (old / MANIFEST).is_file():
-        previous = set((old / MANIFEST).read_text(encoding="utf-8").splitlines())
-    for root, dirs, files in os.walk(old):
-        rel_root = Path(root).relative_to(old)
-        for d in dirs:
-            (new / rel_root / d).mkdir(parents=True, exist_ok=True)
-        for f in files:
-            rel = str(rel_root / f) if str(rel_root) != "." else f
-            if rel in ours or rel in previous or rel == MANIFEST:
-                continue
-            src, dst = Path(root) / f, new / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_symlink():
-                os.symlink(os.readlink(src), dst)
-                continue
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-
-
-def _carried_over(old: Path, out: Path) -> bool:
-    """True when every file of `old` that peftplan did not generate is also in `out` (the same file)."""
-    previous = set()
-    if (old / MANIFEST).is_file():
-        previous = set((old / MANIFEST).read_text(encoding="utf-8").splitlines())
-    for root, _, files in os.walk(old):
-        for f in files:
-            rel = os.path.relpath(os.path.join(root, f), old)
-            if rel in previous or rel == MANIFEST:
-                continue
-            try:
-                if not os.path.samefile(os.path.join(root, f), out / rel):
-                    return False
-            except OSError:
-                return False
-    return True
-
-
-def write_project(files: dict[str, str], out: Path, force: bool) -> list[str]:
-    """Write atomically: build the whole project in a temporary folder beside `out`, then rename it into
-    place. With --force the previous folder is swapped out in one rename as well, after the user's own
-    files (anything peftplan did not generate) were hard-linked into the new one."""
-    out = Path(out).expanduser().resolve()  # `..` and symlinks: write where they really lead, and say so
-    if out.exists() and not out.is_dir():
-        raise SpecError([Problem("", f"{out} exists and is not a directory")])
-    if out.exists() and any(out.iterdir()) and not force:
-        raise SpecError([Problem("", f"{out} already exists; use --force to regenerate (your own files there are kept)")])
-    parent = out.parent
-    if parent.exists() and not parent.is_dir():
-        raise GenerateError(f"cannot create {out}: {parent} is not a directory")
-    for stale in sorted(parent.glob(f".{out.name}.peftplan-old-*")) if parent.is_dir() else ():
-        if not out.exists():  # a --force was killed between its two renames: put the project back first
-            os.rename(stale, out)
-            print(f"note: restored {out} from {stale.name} (an interrupted --force)", file=sys.stderr)
-        elif _carried_over(stale, out):  # killed after the swap: everything of the user's is in `out`
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            print(f"note: {stale} holds a previous version of {out} from an interrupted --force; "
-                  "nothing was deleted from it", file=sys.stderr)
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(parent, out.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-new-", dir=parent))
-    except OSError as exc:
-        raise GenerateError(f"cannot write to {parent}: {exc.strerror or exc}") from None
-    old = None
-    try:
-        (tmp / ".pid").write_text(str(os.getpid()))
-        for rel, text in files.items():
-            path = tmp / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            if Path(rel).name in EXECUTABLE:
-                path.chmod(0o777 & ~_umask())
-        (tmp / MANIFEST).write_text("\n".join(sorted(files)) + "\n", encoding="utf-8")
-        (tmp / ".pid").unlink()
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp made it 0700
-        if out.exists():
-            if not os.access(out, os.W_OK) or not os.access(parent, os.W_OK):
-                raise OSError(13, "permission denied", str(out))
-            _carry_user_files(out, tmp, set(files))
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftplan-old-", dir=parent))
-            old.rmdir()
-            os.rename(out, old)
-        os.rename(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and old.exists() and not out.exists():
-            os.rename(old, out)  # put the previous project back
-        raise GenerateError(f"could not write the project to {out}: {exc.strerror or exc}; nothing was changed") from None
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # only peftplan's previous files are left in it
-    return sorted(files)
-
-
 def generate(result: PlanResult, spec: Spec, spec_path: Path, out: Path, force: bool = False) -> list[str]:
     context = compile_project(result, spec, spec_path, out)
     files = {**render_files(context), **runtime_files()}
-    return write_project(files, out, force)
+    return write_project(files, out, force, executable=EXECUTABLE)

@@ -7,11 +7,14 @@ from pathlib import Path
 
 from ..schemas import Problem, Spec, SpecError
 from . import assumptions as A
-from .memory import MemoryEstimate, estimate_all
+from . import caveats
+from .memory import MemoryEstimate, estimate
+from .methods import METHODS
+from .paging import evictable_bytes
 from .parallel import shard
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
-from .setup import Resolved, build_setup
-from .terms import COMPONENTS
+from .setup import Resolved, build_setup, method_adapter
+from .terms import COMPONENTS, Setup
 
 
 @dataclass(frozen=True)
@@ -22,6 +25,7 @@ class EstimateReport:
     estimates: dict[str, MemoryEstimate]  # per device, under parallelism[name]
     parallelism: dict[str, str] = field(default_factory=dict)
     requested_parallelism: str = "single"
+    method_setups: dict[str, Setup] = field(default_factory=dict)
 
     @property
     def devices(self) -> int:
@@ -36,9 +40,26 @@ class EstimateReport:
         """Device memory minus the planner's safety headroom."""
         return int(self.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION))
 
+    def needed_bytes(self, est: MemoryEstimate) -> int:
+        """What must stay on the device: paged optimizer state may move to host memory (at a cost the plan
+        counts, planner/paging.py); on the CPU there is no host to move it to."""
+        return est.device_total_bytes - evictable_bytes(est, self.hardware.device)
+
     def fits(self, est: MemoryEstimate) -> bool:
-        """Paged optimizer state may spill to host memory, so it does not count against the device."""
-        return est.device_total_bytes - est.evictable_bytes <= self.usable_bytes
+        return self.needed_bytes(est) <= self.usable_bytes
+
+    def paged(self, est: MemoryEstimate) -> int:
+        """Bytes of paged optimizer state that fit only by living in host memory (moved every step)."""
+        return max(0, est.device_total_bytes - self.usable_bytes) if self.fits(est) else 0
+
+    @property
+    def nothing_fits(self) -> bool:
+        """No method fits the device at this geometry: `peftplan estimate` exits 3, as `plan` does."""
+        return not any(self.fits(e) for e in self.estimates.values())
+
+    def setup_for(self, method: str) -> Setup:
+        """The setup a method was estimated with (its recipe's adapter; planner/setup.py)."""
+        return self.method_setups.get(method, self.resolved.setup)
 
     def to_json(self) -> dict:
         g = self.resolved.setup.geometry
@@ -58,6 +79,7 @@ class EstimateReport:
             "optimizer": self.resolved.setup.optimizer,
             "parallelism": self.requested_parallelism,
             "methods": {name: self._method_json(name, est) for name, est in self.estimates.items()},
+            "nothing_fits": self.nothing_fits,
             "notes": list(self.hardware.notes) + list(self.resolved.notes),
             "warnings": [p.render() for p in self.resolved.warnings],
         }
@@ -70,8 +92,9 @@ class EstimateReport:
             "peak_allocated_bytes": est.peak_allocated_bytes,
             "device_total_bytes": est.device_total_bytes,
             "fits": self.fits(est),
-            "headroom_bytes": self.usable_bytes - (est.device_total_bytes - est.evictable_bytes),
-            "evictable_bytes": est.evictable_bytes,
+            "headroom_bytes": self.usable_bytes - self.needed_bytes(est),
+            "evictable_bytes": evictable_bytes(est, self.hardware.device),
+            "paged_to_host_bytes": self.paged(est),
             "trainable_parameters": est.trainable_parameters,
             "peak_phase": est.phase,
             "components": est.components(),
@@ -97,11 +120,16 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     errors = [p for p in resolved.warnings if p.severity == "error"]
     if errors:
         raise SpecError(errors)
-    singles = estimate_all(resolved.setup)
+    setups = {name: replace(resolved.setup, adapter=method_adapter(spec, name, model.shape.parameters,
+                                                                   resolved.setup.adapter)) for name in METHODS}
+    singles = {name: estimate(name, s) for name, s in setups.items()}
+    moe = [Problem("model.name", text, severity="warning")
+           for text in caveats.moe(model.name, model.shape, setups["qlora"], singles)]
+    resolved = replace(resolved, warnings=resolved.warnings + tuple(moe))
     devices = hardware.count * hardware.nodes
     requested = spec.training.parallelism if devices > 1 else "single"
     report = EstimateReport(model, hardware, resolved, singles, {name: "single" for name in singles},
-                            "single" if devices == 1 else requested)
+                            "single" if devices == 1 else requested, setups)
     if devices == 1:
         return report
     # Several devices: per-device numbers under the spec's parallelism; with "auto", plain data
@@ -110,7 +138,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     estimates, chosen = {}, {}
     for name, single in singles.items():
         for par in options:
-            est = shard(single, resolved.setup, par, devices, name in ("qlora", "qdora"))
+            est = shard(single, setups[name], par, devices, METHODS[name].quantized)
             if report.fits(est) or par == options[-1]:
                 estimates[name], chosen[name] = est, par
                 break
@@ -136,21 +164,46 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def breakdown_bar(components: dict[str, int], scale: int, width: int = 36):
+# One glyph per component, so that the bar reads without colour too (NO_COLOR, pipes, screen readers' text).
+GLYPHS = {
+    "weights": "█", "quant_constants": "▓", "adapter": "▒", "gradients": "░", "optimizer": "#",
+    "paged_optimizer": "%", "activations": "=", "logits": "~", "transient": "+", "overhead": ":",
+}
+FREE, OVER = "·", "»"
+
+
+def breakdown_bar(components: dict[str, int], device_bytes: int, width: int = 36):
+    """The components drawn to the device's scale: the full width is the device's memory; what does not fit
+    ends in » (the numbers beside the bar say how much)."""
     from rich.text import Text
 
     bar = Text()
-    used = 0
+    total = sum(components.values())
+    over = total > device_bytes
+    room = width - 1 if over else width
+    used = running = 0
     for name in COMPONENTS:
-        n = components.get(name, 0)
-        cells = round(width * n / scale) if scale else 0
-        cells = min(cells, width - used)
+        running += components.get(name, 0)
+        cells = min(round(width * running / device_bytes) if device_bytes else 0, room) - used
         if cells > 0:
-            bar.append("█" * cells, style=COLORS[name])
+            bar.append(GLYPHS[name] * cells, style=COLORS[name])
             used += cells
-    if used < width:
-        bar.append("·" * (width - used), style="bright_black")
+    if over:
+        bar.append(OVER, style="bold red")
+    elif used < width:
+        bar.append(FREE * (width - used), style="bright_black")
     return bar
+
+
+def legend():
+    from rich.text import Text
+
+    text = Text("  ")
+    for name in COMPONENTS:
+        text.append(f"{GLYPHS[name]} ", style=COLORS[name]).append(name + "  ")
+    text.append(f"{FREE} ", style="bright_black").append("free  ")
+    text.append(f"{OVER} ", style="bold red").append("more than the device")
+    return text
 
 
 def render(report: EstimateReport, console, explain: bool = False) -> None:
@@ -159,17 +212,18 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
 
     dev, g = report.hardware.device, report.resolved.setup.geometry
     sh = report.model.shape
-    console.print(
-        f"[bold]{report.model.name}[/] ({sh.model_type}, {_count(sh.parameters)} parameters, from {report.model.source})"
-        f" on [bold]{f'{report.devices} × ' if report.devices > 1 else ''}{dev.name}[/] ({_gib(dev.memory_bytes)} GiB"
-        f"{' each' if report.devices > 1 else ''}, usable {_gib(report.usable_bytes)} GiB "
-        f"after {A.FIT_HEADROOM_FRACTION:.0%} headroom)"
-    )
+    from ..console import styled
+
+    each = " each" if report.devices > 1 else ""
+    console.print(styled(
+        (report.model.name, "bold"), f" ({sh.model_type}, {_count(sh.parameters)} parameters, from {report.model.source})"
+        " on ", (f"{f'{report.devices} × ' if report.devices > 1 else ''}{dev.name}", "bold"),
+        f" ({_gib(dev.memory_bytes)} GiB{each}, usable {_gib(report.usable_bytes)} GiB "
+        f"after {A.FIT_HEADROOM_FRACTION:.0%} headroom)"))
     console.print(
         f"batch {g.micro_batch_size} × {g.seq_len} tokens, gradient checkpointing {'on' if g.gradient_checkpointing else 'off'},"
         f" {g.attention} attention, {report.resolved.precision}, optimizer {report.resolved.setup.optimizer}"
     )
-    scale = max(report.memory_bytes, *(e.device_total_bytes for e in report.estimates.values()))
     table = Table(title="Peak memory per device (GiB)", title_justify="left")
     table.add_column("method", style="bold")
     table.add_column("peak alloc", justify="right")
@@ -183,27 +237,37 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
     table.add_column("breakdown (bar = device memory)")
     for name, est in report.estimates.items():
         fits = report.fits(est)
-        head = report.usable_bytes - (est.device_total_bytes - est.evictable_bytes)
+        head = report.usable_bytes - report.needed_bytes(est)
         table.add_row(
             name, _gib(est.peak_allocated_bytes), _gib(est.device_total_bytes),
-            Text("✓", style="green") if fits else Text("✗", style="red"),
+            (Text("✓ paged", style="yellow") if report.paged(est) else Text("✓", style="green")) if fits
+            else Text("✗", style="red"),
             Text(_gib(head), style="green" if head >= 0 else "red"),
             _count(est.trainable_parameters),
             *([_parallelism_cell(report.parallelism.get(name, "single"), report.devices)] if several else []),
-            breakdown_bar(est.components(), scale),
+            breakdown_bar(est.components(), report.memory_bytes),
         )
     console.print(table)
-    legend = Text("  ")
-    for name in COMPONENTS:
-        legend.append("█ ", style=COLORS[name]).append(name + "  ")
-    console.print(legend)
+    console.print(legend())
     if explain:
         for name, est in report.estimates.items():
             render_terms(est, console)
     for line in [*report.hardware.notes, *report.resolved.notes]:
-        console.print(f"[bright_black]note: {line}[/]")
+        console.print(styled((f"note: {line}", "bright_black")))
     for p in report.resolved.warnings:
-        console.print(f"[yellow]warning: {p.render()}[/]")
+        console.print(styled((warning_line(p.render()), "yellow")))
+    paged = [name for name, est in report.estimates.items() if report.paged(est)]
+    if paged:
+        console.print(styled((f"warning: {', '.join(paged)} fit only by paging optimizer state to host memory every "
+                              "step (slow; `peftplan plan` counts the time)", "yellow")))
+    if report.nothing_fits:
+        console.print(styled(("Nothing fits at this geometry: `peftplan plan` searches the other geometries and "
+                              "says what would fit", "bold red")))
+
+
+def warning_line(text: str) -> str:
+    """One `warning: …` prefix, whether or not the message carries its own."""
+    return text if text.startswith("warning:") else f"warning: {text}"
 
 
 def _parallelism_cell(parallelism: str, devices: int) -> str:

@@ -1,4 +1,4 @@
-"""The trade-offs practitioners use to pick a method, in one place, read top to bottom.
+"""The trade-offs practitioners use to pick a method and its setting, in one place, read top to bottom.
 
 Each rule orders the methods for a situation and says why; the candidates' numbers (fit, time,
 cost) then decide: a preferred method that does not fit, or costs disproportionately more time,
@@ -12,6 +12,30 @@ loses to the next one, and the plan records why.
   latency.
 - Full fine-tuning only when memory is plentiful and the data large enough to justify updating
   every weight (and keeping a full copy of the model per run).
+
+Judgements, each with its reason:
+
+- DoRA's time limit (`DORA_MAX_SLOWDOWN`): DoRA is worth at most 1.6× LoRA's time. Its authors
+  measured about 20% over LoRA for LLaMA-7B/13B (huggingface/peft PR #1474); users report 1.7-2×
+  (modelscope/ms-swift #3033; peft PR #1474). With dropout on, peft's DoRA runs each adapted module's
+  base matmul a second time (peft `DoraLinearVariant.forward`: `base_result = None` unless the dropout
+  is the identity; peft PR #2122 made the no-dropout path reuse the base output), which nearly doubles
+  the step. So the planner weighs DoRA twice: with the dropout its authors used (0.05) and, if that is
+  over the limit, without it — keeping DoRA's sample efficiency and leaving overfitting to the held-out
+  evaluation — before falling back to LoRA. With `objective.priority = "quality"` the user has said that
+  time is secondary: the limit is `DORA_MAX_SLOWDOWN_QUALITY` (3×), the largest slowdown reported for peft's
+  DoRA at small micro-batches (ms-swift #3033 reports 2-3× on 7B), so only a pathological cost loses DoRA.
+- Attention (`default_attention`): the architecture decides. transformers 5 refuses sdpa for models
+  whose `_supports_sdpa` is False (Gemma 2: "sdpa does not support softcapping", modeling_gemma2.py),
+  raising at load time; eager always works and materializes the s×s scores (counted).
+  flash_attention_2 needs the flash-attn package on the training machine, so it is never chosen
+  silently.
+- Devices the advice may suggest (`advisable`): NVIDIA only. bitsandbytes 0.50 ships ROCm builds and
+  documents AMD support, but (1) peftplan's runtime and its memory calibration were measured on CUDA
+  and on the CPU only; (2) the catalog's MI250X is one package of two GCDs that PyTorch sees as two
+  64 GB devices, so its "128 GB" never holds a single-device plan; (3) flash-attention and bitsandbytes'
+  ROCm paths lag the CUDA ones (catalog note on the MI300X). A user who owns AMD cards can still plan
+  for them by naming them in hardware.gpu; the planner only does not send anyone there.
 """
 
 from __future__ import annotations
@@ -22,6 +46,13 @@ SCARCE_EXAMPLES = 5_000  # below this, sample efficiency matters more than speed
 FULL_FT_MIN_EXAMPLES = {"balanced": 100_000, "quality": 20_000}
 FULL_FT_MIN_HEADROOM = 0.20  # "plentiful" memory: full fine-tuning fits with 20% of the device to spare
 DORA_MAX_SLOWDOWN = 1.6  # DoRA is preferred for scarce data only if it costs at most this much more time
+DORA_MAX_SLOWDOWN_QUALITY = 3.0  # ... and under objective.priority = "quality"
+
+
+def dora_max_slowdown(priority: str) -> float:
+    """DoRA's time limit against LoRA on the same base, for the objective's priority."""
+    return DORA_MAX_SLOWDOWN_QUALITY if priority == "quality" else DORA_MAX_SLOWDOWN
+ADVICE_VENDORS = ("nvidia",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +63,10 @@ class Situation:
     @property
     def scarce(self) -> bool:
         return self.num_examples is not None and self.num_examples < SCARCE_EXAMPLES
+
+
+def scarce(num_examples: int | None) -> bool:
+    return Situation("balanced", num_examples).scarce
 
 
 def preference(s: Situation) -> list[tuple[str, str]]:
@@ -58,3 +93,41 @@ def preference(s: Situation) -> list[tuple[str, str]]:
         if m not in seen:
             out.append((m, why))
     return out
+
+
+def default_attention(shape) -> tuple[str, str]:
+    """The attention implementation when training.attention is not set, and why."""
+    if shape.supports_sdpa:
+        return "sdpa", "PyTorch's fused kernel; saves no s×s scores"
+    return "eager", (f"{shape.model_type} has no sdpa path in transformers (it refuses sdpa at load time); eager "
+                     "materializes the s×s attention scores, counted in the estimate; flash_attention_2 also works "
+                     "where the flash-attn package is installed")
+
+
+def advisable(vendor: str | None) -> bool:
+    """Whether the planner may suggest a device of this vendor (see the module docstring)."""
+    return vendor in ADVICE_VENDORS
+
+
+# --- geometry with a margin ----------------------------------------------------------------------------------------
+# The fit already keeps FIT_HEADROOM_FRACTION (5%) of the device free, but the estimate itself carries an error: a
+# median of ~1% and up to ~6% on the committed CPU calibration, a few percent against published GPU measurements
+# (docs/accuracy.md). A candidate that fills more than TIGHT_FRACTION of the usable memory bets the run on that error;
+# when a candidate below it is at most NEARLY_AS_FAST times slower, the roomier one is chosen and the plan says so.
+TIGHT_FRACTION = 0.95
+NEARLY_AS_FAST = 1.10
+
+
+def with_margin(fastest, fitting: list, usable: int):
+    """The candidate to take instead of `fastest` when `fastest` is tight and a roomier one is nearly as fast, with
+    the reason; (fastest, None) otherwise. Candidates have `.needed_bytes` and `.seconds`."""
+    if fastest.needed_bytes <= TIGHT_FRACTION * usable:
+        return fastest, None
+    roomy = [c for c in fitting if c.needed_bytes <= TIGHT_FRACTION * usable
+             and c.seconds <= NEARLY_AS_FAST * fastest.seconds]
+    if not roomy:
+        return fastest, None
+    pick = min(roomy, key=lambda c: (c.seconds, c.needed_bytes))
+    return pick, (f"a margin: the fastest geometry fills {fastest.needed_bytes / usable:.0%} of the usable memory "
+                  f"(over {TIGHT_FRACTION:.0%}); this one needs {pick.needed_bytes / usable:.0%} and takes "
+                  f"{pick.seconds / fastest.seconds:.2f}x its time (within {NEARLY_AS_FAST}x)")

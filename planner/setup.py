@@ -7,10 +7,12 @@ module widths, target module names, sequence length) live here too, as `Problem`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..schemas import Problem, Spec
+from . import rules
 from .catalog import Device
+from .hyper import adapter_defaults
 from .resolve import ResolvedModel
 from .terms import AdapterSettings, Geometry, Setup
 
@@ -20,10 +22,6 @@ DEFAULTS = {
     "training.gradient_accumulation_steps": 1,
     "training.gradient_checkpointing": True,
     "training.optimizer": "adamw_torch",
-    "training.attention": "sdpa",
-    "method.rank": 16,
-    "method.alpha": 32.0,
-    "method.dropout": 0.05,
     "method.target_modules": "all-linear",
 }
 
@@ -55,6 +53,30 @@ def _pick(value, key: str, notes: list[str], why: str = "default"):
     return chosen
 
 
+def _attention(value: str | None, model: ResolvedModel, notes: list[str]) -> str:
+    if value is not None:
+        return value
+    chosen, why = rules.default_attention(model.shape)
+    notes.append(f"training.attention not set: {chosen!r} ({why})")
+    return chosen
+
+
+def method_adapter(spec: Spec, method: str, parameters: int, base: AdapterSettings) -> AdapterSettings:
+    """The adapter a method is estimated with: the spec's keys, the method's recipe for the rest (planner/hyper.py)."""
+    m = spec.method
+    rank, alpha, dropout = adapter_defaults(method, parameters, rules.scarce(spec.data.num_examples), m.rank)
+    return replace(base, rank=m.rank or rank, alpha=m.alpha if m.alpha is not None else alpha,
+                   dropout=m.dropout if m.dropout is not None else dropout)
+
+
+def _recipe_note(spec: Spec, parameters: int) -> str:
+    parts = []
+    for methods in (("lora", "qlora"), ("dora", "qdora")):
+        a = method_adapter(spec, methods[0], parameters, AdapterSettings())
+        parts.append(f"{'/'.join(methods)}: r={a.rank}, α={a.alpha:g}, dropout {a.dropout:g}")
+    return "; ".join(parts) + " (planner/hyper.py)"
+
+
 def check_against_model(spec: Spec, model: ResolvedModel, setup: Setup) -> list[Problem]:
     """Problems only the model's shape reveals. Errors unless marked as warnings."""
     sh, problems = model.shape, []
@@ -83,11 +105,22 @@ def check_against_model(spec: Spec, model: ResolvedModel, setup: Setup) -> list[
         problems.append(Problem("data.seq_len", (
             f"{seq} exceeds {model.name}'s max_position_embeddings ({sh.max_positions}); quality may degrade "
             "beyond the trained context (memory is estimated as asked)"), severity="warning"))
-    if spec.method.name in ("qlora", "qdora") and sh.num_experts:
-        problems.append(Problem("method.name", (
-            f"{model.name} keeps its MoE experts as fused 3D parameters: 4-bit loading leaves them in 16-bit "
-            "and all-linear adapters skip them"), severity="warning"))
+    attention = spec.training.attention
+    if attention == "sdpa" and not sh.supports_sdpa:
+        problems.append(Problem("training.attention", (
+            f"{model.name} ({sh.model_type}) has no sdpa path in transformers, which refuses to load it with sdpa; "
+            "use \"eager\" (or \"flash_attention_2\" where the flash-attn package is installed), or leave the key out")))
     return problems
+
+
+def precision_problems(spec: Spec, device: Device) -> list[Problem]:
+    """A dtype the device runs, but worse than the one it should (fp16 where bf16 is native)."""
+    if spec.model.dtype == "float16" and device.bf16 and not device.is_cpu:
+        return [Problem("model.dtype", (
+            f"float16 on {device.id}, which supports bfloat16: fp16's 5-bit exponent overflows and underflows where "
+            "bf16 (fp32's 8-bit exponent) does not, so training needs loss scaling and can still diverge; bfloat16 "
+            "costs the same memory and time here (leave model.dtype = \"auto\")"), severity="warning")]
+    return []
 
 
 def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
@@ -107,16 +140,15 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
         seq_len=seq,
         gradient_checkpointing=_pick(t.gradient_checkpointing, "training.gradient_checkpointing", notes),
         gradient_accumulation_steps=_pick(t.gradient_accumulation_steps, "training.gradient_accumulation_steps", notes),
-        attention=_pick(t.attention, "training.attention", notes),
+        attention=_attention(t.attention, model, notes),
         padded=not packing,
     )
     targets = m.target_modules if m.target_modules is not None else None
-    adapter = AdapterSettings(
-        rank=_pick(m.rank, "method.rank", notes),
-        alpha=_pick(m.alpha, "method.alpha", notes),
-        dropout=_pick(m.dropout, "method.dropout", notes),
-        target_modules=tuple(targets) if isinstance(targets, list) else _pick(targets, "method.target_modules", notes),
-    )
+    adapter = method_adapter(spec, "lora", model.shape.parameters, AdapterSettings(
+        target_modules=tuple(targets) if isinstance(targets, list) else _pick(targets, "method.target_modules", notes)))
+    unset = [k for k in ("rank", "alpha", "dropout") if getattr(m, k) is None]
+    if unset:
+        notes.append(f"method.{'/'.join(unset)} not set: each method's recipe — {_recipe_note(spec, model.shape.parameters)}")
     setup = Setup(
         shape=model.shape,
         geometry=geometry,
@@ -126,5 +158,5 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
         device_kind=device.kind,
     )
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-    problems = check_against_model(spec, model, setup)
+    problems = check_against_model(spec, model, setup) + precision_problems(spec, device)
     return Resolved(setup, tuple(notes), tuple(problems), precision)

@@ -1,6 +1,13 @@
-"""Evaluate the trained adapter (or full model) on the held-out split: mean loss and perplexity."""
+"""Evaluate the trained adapter (or full model) on the held-out split: mean loss and perplexity.
+
+The held-out split is the one training used (plan.toml `data.eval_fraction`, same seed). A plan without one
+is refused with a clear message rather than quietly measured on the training data; `--split train` asks for
+the training loss explicitly, and the output names the split either way.
+"""
 
 from __future__ import annotations
+
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
 
 import argparse
 import json
@@ -8,22 +15,38 @@ import math
 import sys
 from pathlib import Path
 
-from .config import load_config, resolve_path
+from .config import data_arguments, load_config, resolve_path
 
 
-def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None) -> dict:
+class NoHeldOutSplit(Exception):
+    """The plan holds no examples out: there is nothing to evaluate on but the training data."""
+
+
+def held_out_check(config, config_path: Path, split: str) -> None:
+    """Refuse an evaluation on a split the plan does not have, before anything heavy is loaded."""
+    if split == "eval" and not (config.data["eval_fraction"] > 0 or config.data.get("eval_sources")):
+        raise NoHeldOutSplit(
+            f"{config_path}: data.eval_fraction = {config.data['eval_fraction']:g} holds no examples out, so there is no "
+            "held-out split to evaluate on. Pass --split train for the training loss (it says nothing about "
+            "generalization), or set data.eval_fraction in the spec, regenerate and retrain")
+
+
+def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None, split: str = "eval") -> dict:
+    config = load_config(config_path)
+    held_out_check(config, config_path, split)
+
     import torch
     from transformers import AutoTokenizer
 
     from .data import DataCollator, prepare_data
     from .model import MethodSetup
 
-    config = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    data = prepare_data(resolve_path(config, config.data["path"]), tokenizer, format=config.data["format"],
-                        seq_len=config.data["seq_len"], eval_fraction=max(config.data["eval_fraction"], 0.0),
-                        seed=config.training["seed"], packing=config.data["packing"])
-    examples = data.eval or data.train
+    args = data_arguments(config)
+    data = prepare_data(args.pop("sources"), tokenizer, **args)
+    if split == "eval" and not data.eval:  # e.g. a plan whose held-out data this runtime does not read
+        raise NoHeldOutSplit(f"{config_path}: the held-out split is empty; pass --split train for the training loss")
+    examples = data.eval if split == "eval" else data.train
     m = config.method
     if m["name"] == "full":
         from transformers import AutoModelForCausalLM
@@ -59,7 +82,7 @@ def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None)
             total += float(out.loss) * count
             tokens += count
     loss = total / max(tokens, 1)
-    return {"split": "eval" if data.eval else "train", "examples": len(examples), "tokens": tokens,
+    return {"split": "held-out" if split == "eval" else "train", "examples": len(examples), "tokens": tokens,
             "loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
@@ -67,13 +90,20 @@ def main(argv=None, default_config: Path | None = None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate the trained model on the held-out split.")
     ap.add_argument("--config", default=str(default_config) if default_config else "plan.toml")
     ap.add_argument("--model", default=None, help="adapter or model directory (default: <output>/final)")
+    ap.add_argument("--split", choices=("eval", "train"), default="eval",
+                    help="eval: the held-out split training used (default); train: the training examples, explicitly")
     args = ap.parse_args(argv)
     config = load_config(args.config)
+    try:
+        held_out_check(config, Path(args.config), args.split)
+    except NoHeldOutSplit as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     model_dir = Path(args.model) if args.model else config.output_dir / "final"
     if not model_dir.is_dir():
         print(f"error: {model_dir} does not exist (train first)", file=sys.stderr)
         return 2
-    print(json.dumps(evaluate(Path(args.config), model_dir), indent=2))
+    print(json.dumps(evaluate(Path(args.config), model_dir, split=args.split), indent=2))
     return 0
 
 
