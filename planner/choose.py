@@ -1,8 +1,19 @@
-"""`peftplan plan`: candidates, fit, choice with reasons, and what would fit when nothing does.
+"""`peftplan plan`: candidates, fit, choice with reasons.
 
-Candidates are method × micro-batch × gradient checkpointing × optimizer (32-bit, 8-bit, paged) at the
-device's precision; keys the user set are fixed. Within a method the fastest fitting geometry wins
-(ties: less memory). Across methods, `rules.preference` orders them and the numbers decide.
+Candidates are method × adapter variant × micro-batch × gradient checkpointing × optimizer (32-bit, 8-bit,
+paged) × parallelism at the device's precision; keys the user set are fixed. Within a method the fastest
+fitting candidate wins (ties: exact optimizer state, fewer devices, simpler parallelism, less memory).
+Across methods, `rules.preference` orders them and the numbers decide. One function per concern:
+
+- `_adapter_variants`  the adapter settings a method is tried with (DoRA: its dropout, and without it)
+- `_geometries`        micro-batch × checkpointing × optimizer × parallelism, the spec's keys fixed
+- `_candidate`         one candidate: sharded memory, fit, paging, time and cost
+- `_time`              the throughput model's time plus what the plan adds: utilization, communication,
+                       paging (and, until the fitted time model is wired in, DoRA's dropout matmul)
+- `_best`, `_bests`    a method's best candidate (and DoRA's without dropout)
+- `_choose`            across methods: rules.preference, then the numbers
+
+Nothing fits: planner/advice.py. The plan's explanations and warnings: planner/explain.py, planner/caveats.py.
 """
 
 from __future__ import annotations
@@ -11,19 +22,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..schemas import Spec
-from . import assumptions as A
-from . import catalog, rules
+from . import rules
+from .advice import nothing_fits_headline, what_would_fit
+from .explain import NOMINAL_EXAMPLES, paging_reason, parallel_reason, warnings_for, why_not
 from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_epoch
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
+from .paging import PagingCost, needed_bytes, paging_cost
+from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, shard, topology
 from .report import EstimateReport, estimate_spec
 from .terms import AdapterSettings, Setup, duration, gib
-from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, shard, topology
-from .throughput import TimeEstimate, estimate_time
+from .throughput import TimeEstimate, estimate_time, full_rows, lengths_for_mean
+from .tokens import Lengths, packing_pays
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # 32-bit, 8-bit, paged
-GOOD_TOKENS_PER_MICRO_BATCH = 4096  # below this a GPU is under-used; time scales by (T/4096)^0.25
 
 
 class NothingFits(Exception):
@@ -41,10 +54,14 @@ class Candidate:
     estimate: MemoryEstimate
     fits: bool
     accumulation: int
-    time: TimeEstimate | None
+    time: TimeEstimate | None  # None when data.num_examples or the device's throughput is unknown
     cost_usd: float | None
     parallelism: str = "single"
     devices: int = 1  # devices this candidate uses
+    needed_bytes: int = 0  # what must stay on each device (paged optimizer state may move to the host)
+    paging: PagingCost | None = None  # paged state that does not fit: moved to the host and back every step
+    rank_seconds: float = float("inf")  # the time the candidates are ranked by (nominal without num_examples)
+    packing: bool = False  # examples packed into full seq_len rows (the runtime's pack()) instead of padded
 
     @property
     def micro_batch(self) -> int:
@@ -52,17 +69,22 @@ class Candidate:
 
     @property
     def seconds(self) -> float:
-        return self.time.seconds if self.time else float("inf")
+        return self.rank_seconds
 
     @property
-    def needed_bytes(self) -> int:
-        return self.estimate.device_total_bytes - self.estimate.evictable_bytes
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accumulation * self.devices
 
-    def describe(self) -> str:
+    def geometry_text(self) -> str:
         g = self.setup.geometry
         where = f", {self.parallelism} over {self.devices} devices" if self.devices > 1 else ""
-        return (f"{self.method}: micro-batch {g.micro_batch_size} × {g.seq_len}, gradient checkpointing "
-                f"{'on' if g.gradient_checkpointing else 'off'}, {self.setup.optimizer}{where}")
+        drop = f", dropout {self.setup.adapter.dropout:g}" if METHODS[self.method].adapter else ""
+        pack = ", packed" if self.packing else ""
+        return (f"micro-batch {g.micro_batch_size} × {g.seq_len}{pack}, gradient checkpointing "
+                f"{'on' if g.gradient_checkpointing else 'off'}, {self.setup.optimizer}{drop}{where}")
+
+    def describe(self) -> str:
+        return f"{self.method}: {self.geometry_text()}"
 
 
 @dataclass
@@ -75,105 +97,217 @@ class PlanResult:
     rejected: list[dict] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
     steps_per_epoch: int | None = None
+    warnings: list[str] = field(default_factory=list)  # what the plan must say although it fits
+    given: frozenset[str] = frozenset()  # the geometry keys the spec set ("training.micro_batch_size", ...)
+    lengths: Lengths | None = None  # the examples' token lengths the time model used (measured or assumed)
 
 
-def _utilization_factor(tokens_per_micro_batch: int) -> float:
-    return min(1.0, tokens_per_micro_batch / GOOD_TOKENS_PER_MICRO_BATCH) ** 0.25
+# --- candidates ------------------------------------------------------------------------------------
+def _adapter_variants(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice]) -> list[AdapterSettings]:
+    """The adapter settings to try: the chosen ones; for DoRA with a dropout the user did not set, also none."""
+    base = report.resolved.setup.adapter
+    if not METHODS[method].adapter:
+        return [base]
+    chosen = AdapterSettings(rank=int(hyper["rank"].value), alpha=float(hyper["alpha"].value),
+                             dropout=float(hyper["dropout"].value), target_modules=base.target_modules)
+    if METHODS[method].dora and chosen.dropout > 0 and not hyper["dropout"].user_set:
+        return [chosen, replace(chosen, dropout=0.0)]
+    return [chosen]
 
 
-def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice]) -> list[Candidate]:
-    base = report.resolved.setup
-    dev = report.hardware.device
-    devices = report.hardware.count * report.hardware.nodes
+def _parallelisms(spec: Spec, report: EstimateReport) -> list[str]:
+    if report.devices == 1:
+        return ["single"]
+    if spec.training.parallelism != "auto":
+        return [spec.training.parallelism]
+    if report.hardware.device.is_cpu:  # gloo runs DDP and FSDP (runtime/cpu_fsdp.py); DeepSpeed needs an accelerator
+        return ["single", "ddp", "fsdp"]
+    return list(PARALLELISMS)
+
+
+def _packings(spec: Spec, lengths: Lengths | None) -> list[bool]:
+    """Packing as the spec sets it; left out, both when the examples' lengths are known (the times decide)."""
+    if spec.data.packing is not None:
+        return [spec.data.packing]
+    return [False, True] if lengths is not None else [False]
+
+
+def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: list[bool]):
+    """(micro-batch, checkpointing, optimizer, parallelism, devices used, packing); the global batch stays within
+    the effective batch unless the user fixed the micro-batch. Packed rows under flash_attention_2 need one row per
+    micro-batch: transformers 5 runs plain causal attention over each packed row otherwise (examples would attend
+    to each other), so those geometries are not candidates."""
     t = spec.training
-    adapter = AdapterSettings(
-        rank=int(hyper["rank"].value) if "rank" in hyper else base.adapter.rank,
-        alpha=float(hyper["alpha"].value) if "alpha" in hyper else base.adapter.alpha,
-        dropout=float(hyper["dropout"].value) if "dropout" in hyper else base.adapter.dropout,
-        target_modules=base.adapter.target_modules,
-    )
-    effective = int(hyper["effective_batch_size"].value)
+    attention = report.resolved.setup.geometry.attention
     mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
     gcs = [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
     opts = [t.optimizer] if t.optimizer else list(OPTIMIZERS)
-    if devices == 1:
-        pars = ["single"]
-    elif t.parallelism != "auto":
-        pars = [t.parallelism]
-    elif dev.is_cpu:  # gloo runs DDP and FSDP (runtime/cpu_fsdp.py); DeepSpeed needs an accelerator
-        pars = ["single", "ddp", "fsdp"]
-    else:
-        pars = list(PARALLELISMS)
-    topo = topology(dev, report.hardware.count, report.hardware.nodes, spec.hardware.network_gbps)
-    epochs = float(hyper["epochs"].value)
-    quantized = method in ("qlora", "qdora")
-    out = []
     for mb in mbs:
         for gc in gcs:
             for opt in opts:
-                for par in pars:
-                    used = 1 if par == "single" else devices
+                for par in _parallelisms(spec, report):
+                    used = 1 if par == "single" else report.devices
                     if not t.micro_batch_size and mb > 1 and mb * used > effective:
-                        continue  # the global batch would exceed the effective batch size
-                    accumulation = t.gradient_accumulation_steps or accumulation_for(effective, mb, used)
-                    geometry = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc,
-                                       gradient_accumulation_steps=accumulation)
-                    s = replace(base, geometry=geometry, optimizer=opt, adapter=adapter)
-                    est = shard(estimate(method, s), s, par, used, quantized)
-                    fits = est.device_total_bytes - est.evictable_bytes <= report.usable_bytes
-                    tm = None
-                    if spec.data.num_examples:
-                        tm = estimate_time(method, s, dev, report.resolved.precision,
-                                           num_examples=spec.data.num_examples, avg_tokens=spec.data.avg_tokens,
-                                           epochs=epochs, packing=bool(spec.data.packing), micro_batch=mb, devices=used)
-                        if tm is not None:
-                            f = _utilization_factor(mb * geometry.seq_len)
-                            steps = tm.tokens / (geometry.seq_len * mb * accumulation * used)
-                            comm = steps * comm_seconds_per_step(estimate(method, s), s, par, topo, quantized) \
-                                * (1 - COMM_OVERLAP)
-                            notes = tm.assumptions
-                            if comm:
-                                notes += (f"{par}: ~{duration(comm)} of communication not hidden by compute over "
-                                          f"{topo.ring_gbps:g} GB/s links ({COMM_OVERLAP:.0%} overlap assumed)",)
-                            tm = replace(tm, seconds=tm.seconds / f + comm, low_seconds=tm.low_seconds / f + comm,
-                                         high_seconds=tm.high_seconds / f + comm, assumptions=notes)
-                    price = dev.price_usd_per_hour
-                    cost = (tm.seconds / 3600 * price * used) if (tm and price is not None) else None
-                    out.append(Candidate(method, s, est, fits, accumulation, tm, cost, par, used))
-    return out
+                        continue
+                    for packing in packings:
+                        if packing and attention == "flash_attention_2" and mb > 1:
+                            continue
+                        yield mb, gc, opt, par, used, packing
 
 
-def _best(cands: list[Candidate], priority: str) -> Candidate:
+def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice],
+                lengths: Lengths | None) -> list[Candidate]:
+    effective = int(hyper["effective_batch_size"].value)
+    topo = topology(report.hardware.device, report.hardware.count, report.hardware.nodes, spec.hardware.network_gbps)
+    return [_candidate(spec, report, method, hyper, adapter, geometry, topo, lengths)
+            for adapter in _adapter_variants(spec, report, method, hyper)
+            for geometry in _geometries(spec, report, effective, _packings(spec, lengths))]
+
+
+def _candidate(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice], adapter: AdapterSettings,
+               geometry: tuple, topo, lengths: Lengths | None) -> Candidate:
+    mb, gc, opt, par, used, packing = geometry
+    base = report.resolved.setup
+    dev = report.hardware.device
+    accumulation = spec.training.gradient_accumulation_steps or accumulation_for(
+        int(hyper["effective_batch_size"].value), mb, used)
+    # a mask comes with every batch but packed rows under flash-attention (padding, or the block-diagonal mask
+    # transformers builds from the packed rows' position_ids under sdpa / eager)
+    masked = not (packing and base.geometry.attention == "flash_attention_2")
+    g = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc, gradient_accumulation_steps=accumulation,
+                padded=masked)
+    s = replace(base, geometry=g, optimizer=opt, adapter=adapter)
+    single = estimate(method, s)
+    est = shard(single, s, par, used, METHODS[method].quantized)
+    need = needed_bytes(est, dev)
+    fits = need <= report.usable_bytes
+    paged = paging_cost(est, dev, report.usable_bytes) if fits else None
+    tm, rank = _time(spec, report, method, s, single, par, used, paged, topo, float(hyper["epochs"].value),
+                     float(hyper["eval_fraction"].value), packing, lengths)
+    price = dev.price_usd_per_hour
+    cost = tm.seconds / 3600 * price * used if (tm is not None and price is not None) else None
+    return Candidate(method, s, est, fits, accumulation, tm, cost, par, used, need, paged, rank, packing)
+
+
+def training_examples(num_examples: int, eval_fraction: float) -> int:
+    """The examples that train: the held-out share (at least one when there is one) is not trained on."""
+    held = max(1, round(num_examples * eval_fraction)) if eval_fraction > 0 else 0
+    return max(1, num_examples - held)
+
+
+def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: MemoryEstimate, par: str, used: int,
+          paged: PagingCost | None, topo, epochs: float, eval_fraction: float, packing: bool,
+          lengths: Lengths | None) -> tuple[TimeEstimate | None, float]:
+    """(the time to show, or None without num_examples; the time to rank by): the fitted time model
+    (planner/throughput.py) plus what the plan adds per optimizer step: communication and paging."""
+    dev, d = report.hardware.device, spec.data
+    n = training_examples(d.num_examples or NOMINAL_EXAMPLES, eval_fraction)
+    sharded = par in ("fsdp", "deepspeed-zero2", "deepspeed-zero3")
+    # FSDP2 under mixed precision upcasts trainable 16-bit weights to fp32 (assumptions.FSDP_UPCASTS_TRAINABLE)
+    upcast = 4 if (par == "fsdp" and method == "full" and report.resolved.precision != "fp32") else None
+    tm = estimate_time(method, s, dev, report.resolved.precision, num_examples=n, epochs=epochs, packing=packing,
+                       lengths=lengths or full_rows(s.geometry.seq_len), devices=used,
+                       shards=used if sharded else 1, tflops=spec.hardware.tflops, trainable_bytes=upcast)
+    if tm is None:
+        return None, float("inf")
+    steps = tm.optimizer_steps
+    notes = list(tm.assumptions)
+    extra = [0.0, 0.0, 0.0]  # best, middle, worst
+    comm = steps * comm_seconds_per_step(single, s, par, topo, METHODS[method].quantized) * (1 - COMM_OVERLAP)
+    if comm:
+        extra = [x + comm for x in extra]
+        notes.append(f"{par}: ~{duration(comm)} of communication not hidden by compute over "
+                     f"{topo.ring_gbps:g} GB/s links ({COMM_OVERLAP:.0%} overlap assumed)")
+    if paged is not None:
+        low, mid, high = paged.total(steps)
+        extra = [extra[0] + low, extra[1] + mid, extra[2] + high]
+        notes.append(f"paging: {gib(paged.bytes)} of optimizer state to host memory and back every optimizer step over "
+                     f"{paged.link}, ~{duration(mid)} in all (range {duration(low)}–{duration(high)})")
+    tm = replace(tm, seconds=tm.seconds + extra[1], low_seconds=tm.low_seconds + extra[0],
+                 high_seconds=tm.high_seconds + extra[2], assumptions=tuple(notes))
+    return (tm if d.num_examples else None), tm.seconds
+
+
+def _best(cands: list[Candidate], priority: str, usable: int | None = None) -> Candidate:
     fitting = [c for c in cands if c.fits]
     if fitting and priority == "memory":
         return min(fitting, key=lambda c: (c.needed_bytes, c.seconds))
     if fitting:
-        # fastest; then 32-bit before 8-bit before paged (exact optimizer state), then less memory
+        # fastest (times within 1% are a tie: the model is not that exact); then 32-bit before 8-bit before paged
+        # (exact optimizer state), fewer devices, simpler parallelism, less memory; then rules.with_margin
         order = {o: i for i, o in enumerate(OPTIMIZERS)}
         simpler = {p: i for i, p in enumerate(PARALLELISMS)}  # PyTorch-native before DeepSpeed, less sharding first
-        return min(fitting, key=lambda c: (round(c.seconds, 3), order.get(c.setup.optimizer, 9), c.devices,
-                                           simpler[c.parallelism], c.needed_bytes))
+        quickest = min(c.seconds for c in fitting)
+        close = [c for c in fitting if c.seconds <= quickest * 1.01]
+        fastest = min(close, key=lambda c: (order.get(c.setup.optimizer, 9), c.devices, simpler[c.parallelism],
+                                            c.needed_bytes, c.seconds))
+        if usable is None:
+            return fastest
+        return rules.with_margin(fastest, fitting, usable)[0]
     return min(cands, key=lambda c: c.needed_bytes)
 
 
-_gib, _hours = gib, duration
+def _bests(cands: dict[str, list[Candidate]], hypers: dict[str, dict[str, Choice]],
+           priority: str, usable: int) -> tuple[dict[str, Candidate], dict[str, Candidate]]:
+    """Each method's best candidate with its chosen adapter settings, and DoRA's best without dropout."""
+    best, without = {}, {}
+    for m, cs in cands.items():
+        if not METHODS[m].dora or "dropout" not in hypers[m]:
+            best[m] = _best(cs, priority, usable)
+            continue
+        p = float(hypers[m]["dropout"].value)
+        best[m] = _best([c for c in cs if c.setup.adapter.dropout == p], priority, usable)
+        zero = [c for c in cs if c.setup.adapter.dropout == 0.0] if p > 0 else []
+        if zero:
+            without[m] = _best(zero, priority, usable)
+            if not best[m].fits and without[m].fits:  # the dropout's weight copies do not fit: without it
+                best[m] = without[m]
+    return best, without
 
 
-def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
+def _dropout_choice(hyper: dict[str, Choice], c: Candidate, why: str) -> dict[str, Choice]:
+    """The hyperparameters with the dropout the chosen candidate really uses."""
+    if "dropout" not in hyper or float(hyper["dropout"].value) == c.setup.adapter.dropout:
+        return hyper
+    return {**hyper, "dropout": Choice(c.setup.adapter.dropout, why)}
+
+
+# --- the plan --------------------------------------------------------------------------------------
+def _lengths(spec: Spec, seq_len: int, histogram: dict | None) -> Lengths | None:
+    """The examples' token lengths: measured (the data check's histogram), assumed around data.avg_tokens, or
+    unknown (None: every example fills its row, and packing is not weighed)."""
+    if histogram:
+        counts = {int(k): int(v) for k, v in histogram.items() if int(v) > 0 and int(k) > 0}
+        if counts:
+            return Lengths.from_histogram(counts, seq_len)
+    if spec.data.avg_tokens:
+        return lengths_for_mean(float(spec.data.avg_tokens), seq_len)
+    return None
+
+
+def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None = None) -> PlanResult:
+    """Plan `spec`. `lengths`: the data's token-length histogram {tokens: examples} when the data was read."""
     report = estimate_spec(spec, base_dir=base_dir)
+    measured = _lengths(spec, report.resolved.setup.geometry.seq_len, lengths)
     n_params = report.model.shape.parameters
+    situation = rules.Situation(priority=spec.objective.priority, num_examples=spec.data.num_examples)
     methods = list(METHODS)  # all five are shown; a method set in the spec is the only one chosen from
     hypers = {m: choose_hyperparameters(m, n_params, spec.data.num_examples, spec.method, spec.training,
-                                        spec.objective.priority) for m in methods}
-    all_cands = {m: _candidates(spec, report, m, hypers[m]) for m in methods}
-    best = {m: _best(all_cands[m], spec.objective.priority) for m in methods}
+                                        spec.objective.priority, devices=report.devices,
+                                        spec_eval_fraction=spec.data.eval_fraction, scarce=situation.scarce,
+                                        eval_path=getattr(spec.data, "eval_path", None) is not None)
+              for m in methods}
+    all_cands = {m: _candidates(spec, report, m, hypers[m], measured) for m in methods}
+    best, without_dropout = _bests(all_cands, hypers, spec.objective.priority, report.usable_bytes)
+    for m, c in best.items():
+        hypers[m] = _dropout_choice(hypers[m], c, "0: with the DoRA authors' 0.05 it does not fit")
     allowed = [spec.method.name] if spec.method.name != "auto" else methods
-    result = PlanResult(report=report, best=best, chosen=None)
+    result = PlanResult(report=report, best=best, chosen=None, given=_given(spec), lengths=measured)
     o = spec.objective
 
     def over_limits(c: Candidate) -> str | None:
         if o.max_hours and c.time and c.time.seconds > o.max_hours * 3600:
-            return f"takes ~{_hours(c.time.seconds)}, over objective.max_hours = {o.max_hours:g}"
+            return f"takes ~{duration(c.time.seconds)}, over objective.max_hours = {o.max_hours:g}"
         if o.budget_usd and c.cost_usd is not None and c.cost_usd > o.budget_usd:
             return f"costs ~${c.cost_usd:,.0f}, over objective.budget_usd = {o.budget_usd:g}"
         return None
@@ -183,56 +317,87 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None) -> PlanResult:
         if m not in allowed:
             verdict = "fits" if c.fits else "does not fit"
             result.rejected.append({"method": m, "why": f"method.name = {spec.method.name!r} is set in the spec "
-                                                        f"({m} {verdict} at {_gib(c.needed_bytes)})"})
+                                                        f"({m} {verdict} at {gib(c.needed_bytes)})"})
         elif not c.fits:
             short = c.needed_bytes - report.usable_bytes
             result.rejected.append({"method": m, "why": (
-                f"needs {_gib(c.needed_bytes)} per device at best ({c.describe()}): {_gib(short)} over the "
-                f"{_gib(report.usable_bytes)} usable on {report.hardware.device.id}")})
+                f"needs {gib(c.needed_bytes)} per device at best ({c.describe()}): {gib(short)} over the "
+                f"{gib(report.usable_bytes)} usable on {report.hardware.device.id}")})
         elif (why := over_limits(c)):
             result.rejected.append({"method": m, "why": why})
 
     if not viable:
         considered = {m: c for m, c in best.items() if m in allowed}
-        result.suggestions = what_would_fit(spec, report, considered, base_dir)
-        result.chosen = None
+        result.suggestions = what_would_fit(spec, report, considered)
         limits = [r["why"] for r in result.rejected if "over objective" in r["why"]]
         head = ("no method fits the objective's limits: " + "; ".join(limits)) if limits and all(
-            c.fits for c in considered.values()) else _nothing_fits_headline(report, considered, spec.method.name)
+            c.fits for c in considered.values()) else nothing_fits_headline(report, considered, spec.method.name)
         raise NothingFits(head, result)
 
-    chosen, reasons = _choose(spec, viable, best, report.usable_bytes)
+    candidates = {m: c for m, c in without_dropout.items() if c.fits and not over_limits(c) and m in allowed}
+    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes)
     if chosen.devices > 1:
-        reasons.append(_parallel_reason(chosen, all_cands))
+        reasons.append(parallel_reason(chosen, all_cands))
+    if chosen.paging is not None:
+        reasons.append(paging_reason(chosen, report))
+    best[chosen.method] = chosen
     result.chosen = chosen
-    result.hyperparameters = hypers[chosen.method]
+    hyper = _dropout_choice(hypers[chosen.method], chosen, dropout_why or "")
+    hyper["effective_batch_size"] = _batch_choice(hyper["effective_batch_size"], chosen, spec)
+    result.hyperparameters = hyper
     result.reasons = reasons
     for m, c in viable.items():
         if m != chosen.method:
-            result.rejected.append({"method": m, "why": _why_not(c, chosen, spec)})
+            result.rejected.append({"method": m, "why": why_not(c, chosen, spec)})
     result.rejected = [r for r in result.rejected if r["method"] != chosen.method]
     order = {m: i for i, m in enumerate(METHODS)}
     result.rejected.sort(key=lambda r: order[r["method"]])
-    result.steps_per_epoch = steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
-                                             chosen.devices)
+    result.steps_per_epoch = (chosen.time.count.optimizer_steps if chosen.time and chosen.time.count else
+                              steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
+                                              chosen.devices, float(hyper["eval_fraction"].value)))
+    reasons += _packing_reasons(spec, chosen, measured)
+    margin = rules.with_margin(chosen, [c for c in all_cands[chosen.method] if c.fits], report.usable_bytes)[1]
+    if margin is None and chosen.needed_bytes > rules.TIGHT_FRACTION * report.usable_bytes:
+        result.warnings.append(f"the plan fills {chosen.needed_bytes / report.usable_bytes:.0%} of the usable memory "
+                               "and no roomier geometry is nearly as fast: a few percent of estimate error would "
+                               "run out of memory")
+    result.warnings = warnings_for(spec, report, chosen, hyper) + result.warnings
     return result
 
 
-def _choose(spec: Spec, viable: dict[str, Candidate], best: dict[str, Candidate],
-            usable: int) -> tuple[Candidate, list[str]]:
+def _packing_reasons(spec: Spec, c: Candidate, lengths: Lengths | None) -> list[str]:
+    """Why packing is on or off, when the planner chose it."""
+    if spec.data.packing is not None or lengths is None:
+        return []
+    pays, why = packing_pays(lengths, c.setup.geometry.seq_len, c.micro_batch)
+    state = "on" if c.packing else "off"
+    return [f"packing {state}: {why}" + ("" if pays == c.packing else "; the time model's totals decided")]
+
+
+def _given(spec: Spec) -> frozenset[str]:
+    t = spec.training
+    keys = {"micro_batch_size": t.micro_batch_size, "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "gradient_checkpointing": t.gradient_checkpointing, "optimizer": t.optimizer}
+    return frozenset(f"training.{k}" for k, v in keys.items() if v is not None)
+
+
+def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate], best: dict[str, Candidate],
+            without_dropout: dict[str, Candidate], usable: int) -> tuple[Candidate, list[str], str | None]:
+    """(chosen candidate, reasons, why its dropout was turned off — or None)."""
     prio = spec.objective.priority
     if spec.method.name != "auto":
         c = viable[spec.method.name]
-        return c, [f"method.name = {spec.method.name!r} is set in the spec, and it fits"]
+        return c, [f"method.name = {spec.method.name!r} is set in the spec, and it fits"], None
     if prio == "memory":
         c = min(viable.values(), key=lambda c: c.needed_bytes)
-        return c, [f"objective.priority = memory: {c.method} needs the least memory ({_gib(c.needed_bytes)})"]
+        return c, [f"objective.priority = memory: {c.method} needs the least memory ({gib(c.needed_bytes)})"], None
     if prio in ("speed", "cost"):
         key = (lambda c: c.seconds) if prio == "speed" else (lambda c: c.cost_usd if c.cost_usd is not None else c.seconds)
         c = min(viable.values(), key=key)
-        what = f"~{_hours(c.seconds)}" if prio == "speed" else (f"~${c.cost_usd:,.2f}" if c.cost_usd is not None else f"~{_hours(c.seconds)}")
-        return c, [f"objective.priority = {prio}: {c.method} is the {'fastest' if prio == 'speed' else 'cheapest'} that fits ({what})"]
-    situation = rules.Situation(priority=prio, num_examples=spec.data.num_examples)
+        what = f"~{duration(c.seconds)}" if prio == "speed" else (
+            f"~${c.cost_usd:,.2f}" if c.cost_usd is not None else f"~{duration(c.seconds)}")
+        return c, [f"objective.priority = {prio}: {c.method} is the {'fastest' if prio == 'speed' else 'cheapest'} "
+                   f"that fits ({what})"], None
     reasons: list[str] = []
     sibling = {"dora": "lora", "qdora": "qlora"}  # DoRA's cost is judged against LoRA on the same base
     for method, why in rules.preference(situation):
@@ -247,94 +412,41 @@ def _choose(spec: Spec, viable: dict[str, Candidate], best: dict[str, Candidate]
                 reasons.append(f"full fine-tuning fits but leaves only {spare:.0%} of the device free "
                                f"(wants ≥ {rules.FULL_FT_MIN_HEADROOM:.0%}): not plentiful")
                 continue
+        dropout_why = None
         plain = viable.get(sibling.get(method, ""))
-        if plain is not None and c.time and plain.time and c.seconds > rules.DORA_MAX_SLOWDOWN * plain.seconds:
-            reasons.append(f"{method} would take {c.seconds / plain.seconds:.1f}x {plain.method}'s time "
-                           f"(limit {rules.DORA_MAX_SLOWDOWN}x): not worth it here")
-            continue
+        if plain is not None and _slower(c, plain, prio):
+            p = c.setup.adapter.dropout
+            slow = (f"{method}{f' with dropout {p:g}' if p else ''} would take {c.seconds / plain.seconds:.1f}x "
+                    f"{plain.method}'s time (limit {rules.dora_max_slowdown(prio):g}x)")
+            alt = without_dropout.get(method)
+            if alt is None or _slower(alt, plain, prio):
+                reasons.append((slow if alt is None or c is alt else
+                                f"{slow}, {alt.seconds / plain.seconds:.1f}x without dropout") + ": not worth it here")
+                continue
+            c = alt
+            dropout_why = (f"0: {slow}, because peft then runs each adapted module's base matmul twice; without "
+                           f"dropout {alt.seconds / plain.seconds:.1f}x. The held-out loss watches for overfitting instead")
+            reasons.append(f"{slow}; {alt.seconds / plain.seconds:.1f}x without dropout: {method} kept, its dropout off")
         reasons.insert(0, why)
-        reasons.append(f"fits: {_gib(c.needed_bytes)} of {_gib(usable)} usable per device")
-        return c, reasons
+        reasons.append(f"fits: {gib(c.needed_bytes)} of {gib(usable)} usable per device")
+        return c, reasons, dropout_why
     c = min(viable.values(), key=lambda c: c.seconds)
-    return c, reasons + [f"{c.method}: the fastest remaining option"]
+    return c, reasons + [f"{c.method}: the fastest remaining option"], None
 
 
-def _parallel_reason(chosen: Candidate, all_cands: dict[str, list[Candidate]]) -> str:
-    text = (f"{chosen.method} with {chosen.parallelism} over {chosen.devices} devices fits at "
-            f"{_gib(chosen.needed_bytes)} per device")
-    one = [c for cs in all_cands.values() for c in cs if c.fits and c.devices == 1]
-    if one:
-        alt = min(one, key=lambda c: c.seconds)
-        if alt.time and chosen.time:
-            text += f"; {alt.method} on one device would fit but take {alt.seconds / chosen.seconds:.1f}x longer"
-    else:
-        text += "; no method fits on a single device"
-    return text
+def _slower(c: Candidate, plain: Candidate, priority: str) -> bool:
+    return c.seconds != float("inf") and plain.seconds != float("inf") and \
+        c.seconds > rules.dora_max_slowdown(priority) * plain.seconds
 
 
-def _why_not(c: Candidate, chosen: Candidate, spec: Spec) -> str:
-    parts = [f"fits at {_gib(c.needed_bytes)}"]
-    if c.time and chosen.time:
-        ratio = c.seconds / chosen.seconds
-        parts.append(f"{ratio:.1f}x the time of {chosen.method}" if abs(ratio - 1) > 0.05 else "about the same time")
-    if spec.method.name != "auto":
-        parts.append("method.name is set in the spec")
-    elif spec.objective.priority in ("memory", "speed", "cost"):
-        parts.append(f"objective.priority = {spec.objective.priority}")
-    else:
-        parts.append(f"{chosen.method} ranks higher under the rules for this situation")
-    return "; ".join(parts)
-
-
-def _nothing_fits_headline(report: EstimateReport, best: dict[str, Candidate], forced: str) -> str:
-    c = min(best.values(), key=lambda c: c.needed_bytes)
-    short = c.needed_bytes - report.usable_bytes
-    who = f"method.name = {forced!r} does not fit" if forced != "auto" else "nothing fits"
-    return (f"{who} on {report.hardware.device.id} ({_gib(report.usable_bytes)} usable per device): "
-            f"the smallest plan, {c.describe()}, needs {_gib(c.needed_bytes)} — {_gib(short)} short")
-
-
-def what_would_fit(spec: Spec, report: EstimateReport, best: dict[str, Candidate], base_dir) -> list[str]:
-    out: list[str] = []
-    smallest = min(best.values(), key=lambda c: c.needed_bytes)
-    # 1. a shorter sequence with the same method
-    seq = smallest.setup.geometry.seq_len
-    while seq > 128:
-        seq //= 2
-        s = replace(smallest.setup, geometry=replace(smallest.setup.geometry, seq_len=seq, micro_batch_size=1,
-                                                     gradient_checkpointing=True))
-        e = estimate(smallest.method, s)
-        if e.device_total_bytes - e.evictable_bytes <= report.usable_bytes:
-            out.append(f"data.seq_len = {seq} with {smallest.method} (micro-batch 1, gradient checkpointing) fits at "
-                       f"{_gib(e.device_total_bytes - e.evictable_bytes)}")
-            break
-    # 2. QLoRA when another method was forced
-    if spec.method.name not in ("auto", "qlora", "qdora"):
-        q = replace(smallest.setup, geometry=replace(smallest.setup.geometry, micro_batch_size=1, gradient_checkpointing=True))
-        e = estimate("qlora", q)
-        verdict = "fits" if e.device_total_bytes - e.evictable_bytes <= report.usable_bytes else "would not fit either"
-        out.append(f"method.name = \"qlora\" (4-bit base) needs {_gib(e.device_total_bytes - e.evictable_bytes)}: {verdict}")
-    # 3. more devices of this kind, sharded with FSDP
-    quantized = smallest.method in ("qlora", "qdora")
-    single = estimate(smallest.method, smallest.setup)
-    for n in (2, 4, 8, 16, 32, 64):
-        if n <= report.hardware.count * report.hardware.nodes:
-            continue
-        e = shard(single, smallest.setup, "fsdp", n, quantized)
-        if e.device_total_bytes - e.evictable_bytes <= report.usable_bytes:
-            out.append(f"hardware.count = {n} (or nodes × count = {n}) {report.hardware.device.id} with FSDP: "
-                       f"{smallest.method} needs {_gib(e.device_total_bytes - e.evictable_bytes)} per device")
-            break
-    # 4. the smallest catalog device on which the smallest plan fits
-    need = smallest.needed_bytes
-    for dev in sorted(catalog.devices(), key=lambda d: d.memory_bytes):
-        if need <= dev.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION):
-            out.append(f"a larger device: {dev.id} ({dev.memory_bytes / 2**30:.0f} GiB) holds {smallest.describe()} "
-                       f"({_gib(need)})")
-            break
-    else:
-        largest = max(catalog.devices(), key=lambda d: d.memory_bytes)
-        n = -(-need // int(largest.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION)))
-        out.append(f"no single catalog device holds {_gib(need)}; sharding across ≥ {n} × {largest.id} "
-                   "(FSDP / DeepSpeed ZeRO-3) would be needed")
-    return out
+def _batch_choice(planned: Choice, c: Candidate, spec: Spec) -> Choice:
+    """The effective batch the chosen geometry really has."""
+    actual = c.effective_batch
+    t = spec.training
+    if t.micro_batch_size and t.gradient_accumulation_steps:
+        return Choice(actual, f"micro_batch_size × gradient_accumulation_steps × {c.devices} device(s), set in the spec",
+                      True)
+    if actual == planned.value:
+        return planned
+    return Choice(actual, f"{planned.why}; {actual} in practice: micro-batch {c.micro_batch} × accumulation "
+                          f"{c.accumulation} × {c.devices} device(s)")
