@@ -21,6 +21,20 @@ class CatalogModel:
     config: dict
     source: str
     published_parameters: int | None
+    variants: tuple[str, ...] = ()  # other hub ids with the same config.json shapes (instruct/base pairs)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelMatch:
+    """How a name resolved to a catalog entry: `hub_id` is what training downloads (the name asked for
+    whenever it is a hub id), `how` says why its shapes are the entry's (None: the entry itself)."""
+
+    entry: CatalogModel
+    hub_id: str
+    how: str | None = None
+    prequantized: str | None = None  # "bnb-4bit": the checkpoint stores its decoder weights in 4-bit
+    by_rule: bool = False  # matched by the [names] rules, not by a listed id, alias or variant
 
 
 @dataclass(frozen=True)
@@ -54,37 +68,123 @@ def _norm(name: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def models() -> tuple[CatalogModel, ...]:
+def _raw_models() -> dict:
     with open(DATA / "models.toml", "rb") as fh:
-        raw = tomllib.load(fh)["models"]
-    out = []
-    for entry in raw:
-        config = dict(entry["config"])
-        for key in entry.get("null_keys", ()):
+        return tomllib.load(fh)
+
+
+def _with_nulls(config: dict, null_keys) -> dict:
+    config = dict(config)
+    for key in null_keys:
+        if "." in key:  # a key of a nested table, e.g. "text_config.sliding_window"
+            outer, inner = key.split(".", 1)
+            config[outer] = _with_nulls(config.get(outer, {}), [inner])
+        else:
             config[key] = None
+    return config
+
+
+@lru_cache(maxsize=1)
+def models() -> tuple[CatalogModel, ...]:
+    out = []
+    for entry in _raw_models()["models"]:
         out.append(
             CatalogModel(
                 id=entry["id"],
                 aliases=tuple(entry.get("aliases", ())),
-                config=config,
+                config=_with_nulls(entry["config"], entry.get("null_keys", ())),
                 source=entry["source"],
                 published_parameters=entry.get("published_parameters"),
+                variants=tuple(entry.get("variants", ())),
+                note=entry.get("note", ""),
             )
         )
     return tuple(out)
 
 
 @lru_cache(maxsize=1)
-def _model_index() -> dict[str, CatalogModel]:
-    index: dict[str, CatalogModel] = {}
+def _model_index() -> dict[str, tuple[CatalogModel, str]]:
+    """lower-cased name -> (entry, hub id to download). Ids, aliases and variants, with and without org."""
+    index: dict[str, tuple[CatalogModel, str]] = {}
     for m in models():
-        for name in (m.id, *m.aliases, m.id.split("/")[-1]):
-            index.setdefault(name.lower(), m)
+        for name in (m.id, *m.aliases):
+            index.setdefault(name.lower(), (m, m.id))
+        for v in m.variants:
+            index.setdefault(v.lower(), (m, v))
+    for m in models():  # short names (no org) after every full name, so a full name always wins
+        for name, hub in ((m.id, m.id), *((a, m.id) for a in m.aliases if "/" in a), *((v, v) for v in m.variants)):
+            index.setdefault(name.split("/")[-1].lower(), (m, hub))
     return index
 
 
 def find_model(name: str) -> CatalogModel | None:
-    return _model_index().get(name.strip().lower())
+    hit = _model_index().get(name.strip().lower())
+    return hit[0] if hit else None
+
+
+@lru_cache(maxsize=1)
+def _name_rules() -> tuple[tuple[str, ...], tuple[dict, ...]]:
+    names = _raw_models().get("names", {})
+    return tuple(o.lower() for o in names.get("mirror_orgs", ())), tuple(names.get("rules", ()))
+
+
+def match_model(name: str) -> ModelMatch | None:
+    """A catalog entry for `name`: its id, an alias or a listed variant; or, for an `org/repo` hub id, the
+    entry it re-packages by the rules in models.toml [names] (mirror organisations, instruct/base and
+    pre-quantized suffixes). None when nothing matches."""
+    key = name.strip()
+    hit = _model_index().get(key.lower())
+    if hit:
+        entry, hub = hit
+        how = None
+        if hub != entry.id:
+            how = f"{hub} has the same config.json shapes as {entry.id} (catalog variant)"
+        return ModelMatch(entry, hub, how)
+    if key.count("/") != 1:
+        return None
+    org, repo = key.split("/")
+    mirrors, rules = _name_rules()
+    notes, prequantized = [], None
+    stripped = repo
+    for rule in rules:  # pre-quantized packaging first, then instruct/base suffixes (repeatedly)
+        pattern = re.compile(f"(?:{rule['strip']})$", re.IGNORECASE)
+        while (m := pattern.search(stripped)) and m.start() > 0:
+            stripped = stripped[: m.start()]
+            notes.append(rule["note"].format(suffix=m.group(0)))
+            prequantized = prequantized or rule.get("prequantized")
+    index = _model_index()
+    orgs_ok = {e.id.split("/")[0].lower() for e in models()} | set(mirrors)
+    if org.lower() not in orgs_ok:
+        return None
+    hit, via_rules = index.get(repo.lower()), False
+    if hit is None:
+        hit, via_rules = index.get(stripped.lower()) or _by_stripped_name(stripped, rules), True
+    if hit is None:
+        return None
+    entry = hit[0]
+    why = [f"{key} resolves to the shapes of catalog entry {entry.id}"]
+    if org.lower() in mirrors:
+        why.append(f"{org} re-uploads other organisations' checkpoints with their config.json")
+    if via_rules:
+        why += list(dict.fromkeys(notes))
+    return ModelMatch(entry, key, "; ".join(why), prequantized if via_rules else None, by_rule=True)
+
+
+def _by_stripped_name(repo: str, rules: tuple[dict, ...]) -> tuple[CatalogModel, str] | None:
+    """An entry whose id, alias or variant, stripped of the same suffixes, equals `repo` stripped."""
+    def strip(s: str) -> str:
+        for rule in rules:
+            pattern = re.compile(f"(?:{rule['strip']})$", re.IGNORECASE)
+            while (m := pattern.search(s)) and m.start() > 0:
+                s = s[: m.start()]
+        return s.lower()
+
+    want = strip(repo)
+    for m in models():
+        for name in (m.id, *m.aliases, *m.variants):
+            if strip(name.split("/")[-1]) == want:
+                return m, m.id
+    return None
 
 
 def close_models(name: str, n: int = 3) -> list[str]:

@@ -1,4 +1,6 @@
-"""Exact mode's arithmetic (no torch here): turn a traced step (runtime.exact.trace) into a MemoryEstimate.
+"""Exact mode's arithmetic (no torch here): turn a traced step (runtime.exact.trace) into a MemoryEstimate,
+and a whole estimate report into a traced one (`trace_estimates`: --exact, and any architecture the closed
+form does not know).
 
 The trace gives the static bytes of the traced model, the trainable tensors, and the peak bytes of
 one forward+backward pass above them. Added analytically: optimizer state for the trainable tensors,
@@ -52,3 +54,51 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
     peak = sum(t.bytes for t in terms if t.component not in ("overhead", "paged_optimizer"))
     terms += overhead_terms(setup, peak)
     return MemoryEstimate(method=method, trainable_parameters=n_train, phase="traced", terms=tuple(terms))
+
+
+def trace_estimates(report, trace, *, progress=None, automatic: bool = False):
+    """`report` (planner.report.EstimateReport) with every method's estimate traced instead of closed-form.
+
+    `trace` is runtime.exact.trace, passed in by the caller (the planner never imports the runtime).
+    `automatic`: the closed form does not know the architecture (report.model.needs_trace), so the trace is
+    the estimate, not a cross-check; the notes say so and how long it took. `progress(method)` is called
+    before each method is traced."""
+    import time
+    from dataclasses import replace
+
+    from .memory import estimate
+
+    t0 = time.perf_counter()
+    s = report.resolved.setup
+    s = replace(s, geometry=replace(s.geometry, padded=False))  # the trace runs an unpadded batch
+    targets = s.adapter.target_modules
+    out, notes = {}, []
+    if s.geometry.attention == "sdpa" and not s.shape.supports_sdpa:
+        s = replace(s, geometry=replace(s.geometry, attention="eager"))
+        notes.append(f"{s.shape.model_type} has no sdpa attention in transformers: traced with eager attention")
+    for method in report.estimates:
+        if progress is not None:
+            progress(method)
+        traced = trace(report.model.config, method=method, dtype=s.dtype, attention=s.geometry.attention,
+                       gradient_checkpointing=s.geometry.gradient_checkpointing, rank=s.adapter.rank,
+                       alpha=s.adapter.alpha, dropout=s.adapter.dropout,
+                       target_modules=list(targets) if isinstance(targets, tuple) else targets,
+                       batch=s.geometry.micro_batch_size, seq=s.geometry.seq_len, loss=s.loss)
+        est = exact_estimate(method, s, traced)
+        out[method] = est
+        closed = estimate(method, s).peak_allocated_bytes
+        kind = "described closed form (not calibrated)" if automatic else "closed form"
+        notes.append(f"exact {method}: traced in {traced['seconds']:.1f} s; {kind} {closed / 2**30:.2f} GiB vs traced "
+                     f"{est.peak_allocated_bytes / 2**30:.2f} GiB ({(closed - est.peak_allocated_bytes) / est.peak_allocated_bytes:+.1%})")
+    seconds = time.perf_counter() - t0
+    head = []
+    if automatic:
+        head.append(f"model_type {report.model.shape.model_type!r} is not one the closed form knows: every method was "
+                    f"traced instead (one forward+backward on fake tensors per method, {seconds:.0f} s in all)")
+    notes.append("exact mode: one forward+backward traced on fake tensors with PyTorch's CPU kernels (unpadded batch);"
+                 " bitsandbytes 4-bit storage and optimizer state added analytically")
+    if report.devices > 1:
+        notes.append(f"exact mode traces one device without sharding: these are single-device numbers, not per device "
+                     f"over {report.devices}; the closed form (without --exact) gives the per-device ones")
+    resolved = replace(report.resolved, notes=report.resolved.notes + tuple(head + notes))
+    return replace(report, estimates=out, parallelism={m: "single" for m in out}, resolved=resolved)

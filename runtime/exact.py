@@ -15,6 +15,8 @@ dropout masks have the input's dtype here where CUDA keeps 1-byte masks.
 
 from __future__ import annotations
 
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
+
 import time
 from contextlib import contextmanager
 
@@ -32,30 +34,60 @@ def _no_data_dependent_masks():
         mu.find_packed_sequence_indices = saved
 
 
+def meta_model(config: dict, *, dtype: str = "bfloat16", attention: str = "sdpa"):
+    """(transformers config, model) built from a config.json dictionary on the meta device: no memory, no weights.
+
+    trust_remote_code stays off: a model_type transformers does not ship raises ValueError."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .model import torch_dtype
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ValueError("config.json has no model_type")
+    for key in ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    try:
+        hf_config = AutoConfig.for_model(model_type, **cfg)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"transformers does not know model_type {model_type!r} ({exc})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(dtype), attn_implementation=attention)
+    return hf_config, model
+
+
 def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str = "sdpa",
           gradient_checkpointing: bool = True, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-          target_modules="all-linear", batch: int = 1, seq: int = 2048) -> dict:
-    """Peak bytes of one training step (forward + backward) of `config` under `method`."""
+          target_modules="all-linear", batch: int = 1, seq: int = 2048, loss: str = "chunked") -> dict:
+    """Peak bytes of one training step (forward + backward) of `config` under `method`.
+
+    `loss`: "chunked" runs the runtime's chunked head + cross-entropy (runtime.loss, torch backend: the CPU's)
+    as training does by default; "full" is transformers' own loss (tokens x vocabulary logits)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .memprobe import LiveTensorBytes
     from .model import MethodSetup, apply_method, torch_dtype
 
     t0 = time.perf_counter()
-    cfg = dict(config)
-    model_type = cfg.pop("model_type")
-    for key in ("architectures", "auto_map", "quantization_config", "torch_dtype", "dtype"):
-        cfg.pop(key, None)
-    hf_config = AutoConfig.for_model(model_type, **cfg)
+    hf_config, model = meta_model(config, dtype=dtype, attention=attention)
     traced_method = {"qlora": "lora", "qdora": "dora"}.get(method, method)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(dtype), attn_implementation=attention)
     setup = MethodSetup(method=traced_method, dtype=dtype, attention=attention,
                         gradient_checkpointing=gradient_checkpointing, rank=rank, alpha=alpha, dropout=dropout,
                         target_modules=target_modules)
     model = apply_method(model, setup)
+    loss_used = "full"
+    if loss == "chunked":
+        from .loss import install
+
+        result = install(model, backend="torch", self_check=False)  # the self-check needs real values
+        loss_used = "chunked" if result.enabled else f"full ({result.reason})"
+    if dtype != "float32":  # as runtime/train.py trains: adapter inputs stay 16-bit under autocast
+        from .model import keep_adapter_inputs_16bit
+
+        keep_adapter_inputs_16bit(model)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     cpu = torch.device("cpu")
     linear_weights: list[int] = []
@@ -106,4 +138,163 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
         "parameters": int(sum(p.numel() for p in params)),
         "seconds": time.perf_counter() - t0,
         "kernels": "cpu",
+        "loss": loss_used,
+    }
+
+
+# --- describe: the structure of any architecture, for the planner's closed form ---------------------
+
+_NORM_WORDS = ("norm", "ln_", "layernorm")
+
+
+def _decoder_layers(model):
+    """(path, ModuleList) of the decoder layers: the longest ModuleList of identically typed blocks."""
+    import torch
+
+    best = ("", None)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best[1] is None or len(module) > len(best[1]):
+                best = (name, module)
+    return best
+
+
+def _is_norm(module) -> bool:
+    import torch
+
+    if isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+        return True
+    name = type(module).__name__.lower()
+    own = list(module.parameters(recurse=False))
+    return "norm" in name and not list(module.children()) and 0 < len(own) <= 2
+
+
+def _linears(module):
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for path, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            yield path, m, m.in_features, m.out_features
+        elif isinstance(m, Conv1D):
+            yield path, m, m.weight.shape[0], m.weight.shape[1]
+
+
+def _feeds(model, layer, vocab: int) -> dict[str, str] | None:
+    """Which tensor feeds each linear module of `layer`: a meta forward pass with hooks groups the
+    modules that read the same tensor object. None when the forward pass cannot run on meta tensors."""
+    import torch
+
+    seen: dict[int, str] = {}
+    feeds: dict[str, str] = {}
+    alive = []  # keep every input alive: a freed tensor's id() can be reused by the next one
+    hooks = []
+    for path, m, _, _ in _linears(layer):
+        def hook(mod, args, path=path):
+            alive.append(args[0] if args else None)
+            key = id(args[0]) if args else 0
+            if key not in seen:
+                seen[key] = "attn_in" if not seen else f"in{len(seen)}"
+            feeds.setdefault(path, seen[key])
+        hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        with _no_data_dependent_masks(), torch.no_grad():
+            model(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"))
+    except Exception:  # data-dependent control flow on meta tensors: fall back to module names
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return feeds
+
+
+def describe(config: dict) -> dict:
+    """A plain description of any transformers causal LM built from `config` on the meta device: per decoder
+    layer its linear modules (name, in/out features, bias, which tensor feeds them), its norms, the rest of its
+    parameters; embeddings, head, vocabulary and attention geometry. No planner types: plain values only."""
+    import torch
+
+    t0 = time.perf_counter()
+    hf_config, model = meta_model(config, dtype="bfloat16", attention="eager")
+    text = hf_config.get_text_config()
+    path, layers = _decoder_layers(model)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
+    vocab = int(getattr(text, "vocab_size"))
+    layer = layers[0]
+    feeds = _feeds(model, layer, vocab)
+    linears = []
+    for lpath, m, n_in, n_out in _linears(layer):
+        linears.append({"name": lpath.split(".")[-1], "path": lpath, "in_features": int(n_in),
+                        "out_features": int(n_out), "bias": getattr(m, "bias", None) is not None,
+                        "input": feeds.get(lpath) if feeds else None, "kind": type(m).__name__})
+    norms = []
+    for npath, m in layer.named_modules():
+        if npath and _is_norm(m):
+            w = getattr(m, "weight", None)
+            norms.append({"path": npath, "class": type(m).__name__, "width": int(w.numel()) if w is not None else 0,
+                          "bias": getattr(m, "bias", None) is not None,
+                          "params": int(sum(p.numel() for p in m.parameters(recurse=False)))})
+    layer_params = [int(sum(p.numel() for p in block.parameters())) for block in layers]
+    inside = {id(p) for p in layers.parameters()}
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    positions, outside_norms, other = 0, [], 0
+    max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    counted = {id(p) for p in emb.parameters()} | ({id(p) for p in head.parameters()} if head is not None else set())
+    for name, m in model.named_modules():
+        if m is emb or m is head or name.startswith(path + ".") or name == path:
+            continue
+        own = [p for p in m.parameters(recurse=False) if id(p) not in inside and id(p) not in counted]
+        if not own:
+            continue
+        counted |= {id(p) for p in own}
+        n = sum(p.numel() for p in own)
+        if isinstance(m, torch.nn.Embedding) and m.num_embeddings == max_pos:
+            positions += int(m.num_embeddings)  # a learned position embedding (GPT-2's wpe)
+        elif _is_norm(m):
+            outside_norms.append({"path": name, "class": type(m).__name__, "params": int(n)})
+        else:
+            other += int(n)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0))
+    kv = getattr(text, "num_key_value_heads", None)
+    if kv is None:
+        kv = 1 if getattr(text, "multi_query", False) else getattr(text, "num_kv_heads", None) or heads
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0))
+    head_dim = int(getattr(text, "head_dim", None) or (hidden // heads if heads else 0))
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or getattr(text, "ffn_dim", None)
+    act = next((getattr(text, k) for k in ("hidden_act", "hidden_activation", "activation_function")
+                if isinstance(getattr(text, k, None), str)), "unknown")
+    drops = {k: float(v) for k, v in text.to_dict().items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k)}
+    return {
+        "model_type": str(config.get("model_type")),
+        "class": type(model).__name__,
+        "layers_path": path,
+        "num_layers": len(layers),
+        "layer_params": layer_params,
+        "hidden_size": hidden,
+        "num_heads": heads,
+        "num_kv_heads": int(kv),
+        "head_dim": head_dim,
+        "intermediate_size": int(inter) if inter else None,
+        "vocab_size": vocab,
+        "max_positions": max_pos,
+        "activation": str(act),
+        "dropouts": drops,
+        "supports_sdpa": bool(getattr(model, "_supports_sdpa", False)),
+        "linears": linears,
+        "inputs_from": "forward" if feeds else "names",
+        "norms": norms,
+        "embedding_params": int(sum(p.numel() for p in emb.parameters())),
+        "learned_positions": positions,
+        "tie_embeddings": bool(tied),
+        "lm_head_params": 0 if head is None or tied else int(head.weight.numel()),
+        "lm_head_bias": head is not None and getattr(head, "bias", None) is not None,
+        "outside_norms": outside_norms,
+        "other_params": other,
+        "parameters": int(sum(unique.values())),
+        "seconds": time.perf_counter() - t0,
     }
