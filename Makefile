@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: demo test bench schema clean
+.PHONY: demo test bench schema docs clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(VENV)/.train
 
 schema: $(VENV)/.base
 	$(VENV)/bin/peftplan schema > schemas/spec.schema.json
+
+# docs/cli.md and docs/spec.md are generated from the parser and the spec's models (a test checks they are current)
+docs: $(VENV)/.base schema
+	$(PY) -c "from peftplan.parser import markdown; open('docs/cli.md', 'w').write(markdown())"
+	$(PY) -c "from peftplan.schemas.reference import markdown; open('docs/spec.md', 'w').write(markdown())"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

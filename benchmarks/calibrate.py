@@ -43,6 +43,30 @@ FAMILIES: dict[str, dict] = {
     "phi": dict(model_type="phi", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                 num_attention_heads=8, vocab_size=1000, max_position_embeddings=2048, resid_pdrop=0.0,
                 embd_pdrop=0.0, attention_dropout=0.0, partial_rotary_factor=0.5),
+    # the families people fine-tune now: q/k norms, sliding-window layers, post-norms, NoPE layers, multipliers
+    "qwen3": dict(model_type="qwen3", hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=1200,
+                  tie_word_embeddings=True, max_position_embeddings=2048),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1500,
+                        query_pre_attn_scalar=64, max_position_embeddings=2048, sliding_window=64,
+                        sliding_window_pattern=2),  # layers 0, 2 slide (64 < seq: a mask), 1, 3 are global
+    "olmo2": dict(model_type="olmo2", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False,
+                  max_position_embeddings=2048),
+    "smollm3": dict(model_type="smollm3", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True,
+                    max_position_embeddings=2048, no_rope_layers=[1, 1, 1, 0], pad_token_id=0),
+    "granite": dict(model_type="granite", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True,
+                    max_position_embeddings=2048, embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.0078125, logits_scaling=8.0),
+    "mistral": dict(model_type="mistral", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=32, vocab_size=1000,
+                    tie_word_embeddings=False, max_position_embeddings=2048, sliding_window=96),  # every layer slides
+    "phi4mini": dict(model_type="phi3", hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=2, vocab_size=1100, max_position_embeddings=2048,
+                     tie_word_embeddings=True, partial_rotary_factor=0.75, pad_token_id=0),
 }
 
 
@@ -60,6 +84,7 @@ class Run:
     rank: int = 8
     dtype: str = "bfloat16"
     scale: dict = field(default_factory=dict)  # config overrides (bigger models)
+    loss: str = "chunked"  # the runtime's default (runtime/loss.py); "full": transformers' own loss
 
     def __post_init__(self):
         if self.family == "gemma2" and self.attention == "sdpa":
@@ -69,9 +94,10 @@ class Run:
         return {**FAMILIES[self.family], **self.scale}
 
     def key(self) -> str:
-        size = "-m" if self.scale else ""
+        size = "-v128k" if self.scale.get("vocab_size", 0) >= 100_000 else ("-m" if self.scale else "")
         return (f"{self.family}{size}-{self.method}-b{self.batch}s{self.seq}-gc{int(self.gc)}-do{self.dropout}"
-                f"-{self.attention}{'-pad' if self.padded else ''}-{self.optimizer}")
+                f"-{self.attention}{'-pad' if self.padded else ''}-{self.optimizer}"
+                f"{'-fullloss' if self.loss == 'full' else ''}")
 
 
 def build_model_dir(cfg: dict, root: Path) -> Path:
@@ -95,7 +121,7 @@ def setup_of(run: Run, device_kind: str):
 
     return Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
                  AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
-                 dtype=run.dtype, device_kind=device_kind)
+                 dtype=run.dtype, device_kind=device_kind, loss=run.loss)
 
 
 def predict(run: Run) -> dict:
@@ -128,6 +154,15 @@ def measure(run: Run, root: Path, steps: int = 3) -> dict:
     rss_high_water_reset()
     model = load_model(str(path), setup, device_map="cuda" if cuda else None)
     model.train()
+    # as runtime/train.py prepares the model: the chunked loss, and adapter inputs kept 16-bit under autocast
+    if run.loss == "chunked":
+        from peftplan.runtime.loss import install
+
+        install(model)
+    if run.dtype != "float32":
+        from peftplan.runtime.model import keep_adapter_inputs_16bit
+
+        keep_adapter_inputs_16bit(model)
     vocab = model.config.get_text_config().vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (run.batch, run.seq), generator=gen)
@@ -209,7 +244,17 @@ MEDIUM = {
 }
 
 
+# A tiny Llama with Llama 3's 128,256-token vocabulary: at long sequences the loss dominates the step.
+LONG_VOCAB = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128_256, tie_word_embeddings=False,
+                  max_position_embeddings=8192)
+
+
 def matrix(name: str) -> list[Run]:
+    if name == "loss":  # the loss step at a 128k vocabulary, chunked (the default) and transformers' full loss
+        return [Run("llama", m, batch=b, seq=s, gc=gc, loss=loss, scale=LONG_VOCAB)
+                for m in ("lora", "qlora", "full") for b, s in ((1, 1024), (2, 2048)) for gc in (True, False)
+                for loss in ("chunked", "full")]
     if name == "quick":
         return [Run("llama", m) for m in ("lora", "qlora", "dora")]
     if name == "medium":
@@ -240,7 +285,7 @@ def matrix(name: str) -> list[Run]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--matrix", default="quick", choices=("quick", "full", "medium"))
+    ap.add_argument("--matrix", default="quick", choices=("quick", "full", "medium", "loss"))
     ap.add_argument("--family", action="append", help="only these families")
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration.csv")
@@ -265,7 +310,7 @@ def main(argv=None) -> int:
         row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,
                "gradient_checkpointing": run.gc, "lora_dropout": run.dropout, "attention": run.attention,
                "padded": run.padded, "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype,
-               "config": json.dumps(run.config(), sort_keys=True)}
+               "loss": run.loss, "config": json.dumps(run.config(), sort_keys=True)}
         row.update(predict(run))
         row.update(measure(run, root))
         row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]

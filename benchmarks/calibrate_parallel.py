@@ -77,6 +77,14 @@ def worker(run: Run, parallelism: str, model_dir: str, out: str, steps: int = 3)
                         rank=run.rank, alpha=2 * run.rank, dropout=run.dropout, shard_quantized=sharded)
     model = load_model(model_dir, setup)
     model.train()
+    if run.loss == "chunked":  # as runtime/train.py prepares the model, before accelerate wraps it
+        from peftplan.runtime.loss import install
+
+        install(model)
+    if run.dtype != "float32":
+        from peftplan.runtime.model import keep_adapter_inputs_16bit
+
+        keep_adapter_inputs_16bit(model)
     vocab = run.config().get("vocab_size", 1000)
     gen = torch.Generator().manual_seed(acc.process_index)
     ids = torch.randint(0, vocab, (run.batch, run.seq), generator=gen)

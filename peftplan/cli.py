@@ -3,13 +3,11 @@ place where exceptions become exit codes: 0 ok, 2 bad input, 3 nothing fits, 1 a
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
-from . import __version__
 from .console import emit
 
 # pydantic scans installed packages' entry points for plugins on first validation (~50 ms of
@@ -74,8 +72,8 @@ def cmd_estimate(args) -> int:
 
     spec = _load(args.spec)
     report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
-    if args.exact:
-        report = _exact(report, quiet=args.json)
+    if args.exact or report.model.needs_trace:
+        report = _exact(report, quiet=args.json, automatic=not args.exact)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -95,7 +93,7 @@ def cmd_plan(args) -> int:
         result, code = exc.plan, EXIT_NOFIT
         emit(f"{args.spec}: {exc}", sys.stderr)
         for line in result.suggestions:
-            emit(f"  would fit: {line}", sys.stderr)
+            emit(f"  {'would fit' if result.suggestions_for == 'memory' else 'would meet it'}: {line}", sys.stderr)
     _show_data(check, sys.stderr)
     if args.json:
         out = plan_json(result)
@@ -107,43 +105,32 @@ def cmd_plan(args) -> int:
     return code
 
 
-def _exact(report, quiet: bool):
-    """Replace the closed-form estimates by traced ones (runtime.exact, needs the [train] extra)."""
-    from dataclasses import replace
+def _exact(report, quiet: bool, automatic: bool = False):
+    """Replace the closed-form estimates by traced ones (runtime.exact, needs the [train] extra). `automatic`: the
+    closed form does not know the architecture, so the trace is the estimate (planner/exact.py says so)."""
+    from .planner.exact import trace_estimates
 
     try:
         from .runtime.exact import trace
     except ImportError as exc:
-        raise RuntimeError(f"--exact needs the training stack: pip install -e '.[train]' ({exc})") from None
-    from .planner.exact import exact_estimate
-    from .planner.memory import estimate
+        from .schemas import Problem, SpecError
 
-    s = report.resolved.setup
-    s = replace(s, geometry=replace(s.geometry, padded=False))  # the trace runs an unpadded batch
-    out = {}
-    for method in report.estimates:
+        raise SpecError([Problem("model.name", f"tracing a training step needs the training stack: pip install "
+                                               f"'peftplan[train]' ({exc})")]) from None
+
+    def progress(method: str) -> None:
         if not quiet:
-            print(f"tracing {method} on fake tensors …", file=sys.stderr, flush=True)
-        traced = trace(report.model.config, method=method, dtype=s.dtype, attention=s.geometry.attention,
-                       gradient_checkpointing=s.geometry.gradient_checkpointing, rank=s.adapter.rank,
-                       alpha=s.adapter.alpha, dropout=s.adapter.dropout,
-                       target_modules=(list(s.adapter.target_modules) if isinstance(s.adapter.target_modules, tuple)
-                                       else s.adapter.target_modules),
-                       batch=s.geometry.micro_batch_size, seq=s.geometry.seq_len)
-        est = exact_estimate(method, s, traced)
-        closed = estimate(method, s)
-        out[method] = est
-        note = (f"exact {method}: traced in {traced['seconds']:.1f} s; closed form "
-                f"{closed.peak_allocated_bytes / 2**30:.2f} GiB vs traced {est.peak_allocated_bytes / 2**30:.2f} GiB "
-                f"({(closed.peak_allocated_bytes - est.peak_allocated_bytes) / est.peak_allocated_bytes:+.1%})")
-        report = replace(report, resolved=replace(report.resolved, notes=report.resolved.notes + (note,)))
-    extra = ("exact mode: one forward+backward traced on fake tensors with PyTorch's CPU kernels (unpadded batch);"
-             " bitsandbytes 4-bit storage and optimizer state added analytically",)
-    if report.devices > 1:
-        extra += (f"exact mode traces one device without sharding: these are single-device numbers, not per device "
-                  f"over {report.devices}; the closed form (without --exact) gives the per-device ones",)
-    return replace(report, estimates=out, parallelism={m: "single" for m in out},
-                   resolved=replace(report.resolved, notes=report.resolved.notes + extra))
+            emit(f"tracing {method} on fake tensors …", sys.stderr)
+
+    return trace_estimates(report, trace, progress=progress, automatic=automatic)
+
+
+def _describer(config: dict) -> dict:
+    """Any architecture's shape, from the model built on the meta device (runtime.exact.describe; ImportError
+    without the training stack, which planner/resolve.py turns into what to install)."""
+    from .runtime.exact import describe
+
+    return describe(config)
 
 
 def cmd_schema(args) -> int:
@@ -215,7 +202,7 @@ def cmd_generate(args) -> int:
     except NothingFits as exc:
         emit(f"{args.spec}: {exc}", sys.stderr)
         for line in exc.plan.suggestions:
-            emit(f"  would fit: {line}", sys.stderr)
+            emit(f"  {'would fit' if exc.plan.suggestions_for == 'memory' else 'would meet it'}: {line}", sys.stderr)
         return EXIT_NOFIT
     try:
         written = generate(result, spec, spec_path, out, force=args.force)
@@ -301,74 +288,53 @@ def cmd_merge(args) -> int:
     return subprocess.call(cmd, cwd=d)
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of steps, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+def _script(d: Path, name: str) -> None:
+    from .schemas import Problem, SpecError
+
+    if not (d / name).is_file():
+        raise SpecError([Problem("", f"{d} has no {name}: it was generated by an older peftplan; regenerate it with "
+                                     "peftplan generate SPEC -o DIR --force")])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftplan", description="Will it fit, which method, how long — before you rent a GPU.")
-    p.add_argument("--version", action="version", version=f"peftplan {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_sample(args) -> int:
+    import subprocess
 
-    s = sub.add_parser("estimate", help="per-method memory breakdown for the spec's geometry, no choice made")
-    s.add_argument("spec")
-    s.add_argument("--json", action="store_true", help="machine-readable output (CONTRACT.md)")
-    s.add_argument("--explain", action="store_true", help="show every term of each method's peak with its formula")
-    s.add_argument("--exact", action="store_true",
-                   help="trace one training step on fake tensors instead of the closed form (needs the [train] extra)")
-    s.set_defaults(func=cmd_estimate)
+    d = _project(args.dir)
+    _script(d, "sample.py")
+    cmd = [sys.executable, "sample.py"]
+    for flag, v in (("--prompts", args.prompts and os.path.abspath(args.prompts)), ("--n", args.n),
+                    ("--max-new-tokens", args.max_new_tokens), ("--temperature", args.temperature),
+                    ("--seed", args.seed)):
+        if v is not None:
+            cmd += [flag, str(v)]
+    return subprocess.call(cmd, cwd=d)
 
-    s = sub.add_parser("plan", help="choose a method and settings that fit, with reasons, time and cost")
-    s.add_argument("spec")
-    s.add_argument("--json", action="store_true", help="machine-readable output (CONTRACT.md)")
-    s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("validate", help="check a spec, report every problem at once")
-    s.add_argument("spec")
-    s.set_defaults(func=cmd_validate)
+def cmd_push(args) -> int:
+    import subprocess
 
-    s = sub.add_parser("schema", help="print the spec's JSON Schema")
-    s.set_defaults(func=cmd_schema)
+    d = _project(args.dir)
+    _script(d, "push.py")
+    cmd = [sys.executable, "push.py", args.repo_id] + [f for f, on in (
+        ("--merged", args.merged), ("--private", args.private), ("--dry-run", args.dry_run)) if on]
+    return subprocess.call(cmd, cwd=d)
 
-    for name, func, helptext in (("models", cmd_models, "list the bundled model catalog"),
-                                 ("gpus", cmd_gpus, "list the bundled hardware catalog")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--json", action="store_true")
-        s.set_defaults(func=func)
 
-    s = sub.add_parser("generate", help="compile the plan into a standalone training project")
-    s.add_argument("spec")
-    s.add_argument("-o", "--output", required=True, help="project directory to create")
-    s.add_argument("--force", action="store_true", help="regenerate into an existing directory (keeps your files)")
-    s.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("run", help="execute a generated project with its bundled runtime")
-    s.add_argument("dir")
-    s.add_argument("--max-steps", type=_positive, default=None)
-    s.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    s.set_defaults(func=cmd_run)
-
-    s = sub.add_parser("merge", help="merge a trained adapter into a 16-bit copy of the base")
-    s.add_argument("dir")
-    s.add_argument("-o", "--output", default=None)
-    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="dtype of the saved weights (default: bfloat16; float16 for fp16 plans)")
-    s.set_defaults(func=cmd_merge)
-    return p
+COMMANDS = {"estimate": cmd_estimate, "plan": cmd_plan, "validate": cmd_validate, "schema": cmd_schema,
+            "models": cmd_models, "gpus": cmd_gpus, "generate": cmd_generate, "run": cmd_run, "merge": cmd_merge,
+            "sample": cmd_sample, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:
     from .schemas import SpecError
 
+    from .parser import build_parser
+    from .planner.resolve import set_describer
+
     args = build_parser().parse_args(argv)
+    set_describer(_describer)  # an architecture the closed form lacks is described from transformers, lazily
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except SpecError as exc:
         spec_path = getattr(args, "spec", None)
         if exc.path is None and spec_path and Path(spec_path).is_file():

@@ -42,6 +42,13 @@ def _files(spec) -> list[str]:
     return paths
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except (OSError, ValueError):  # a name too long for the file system, NUL bytes: the scanner reports it
+        return 0
+
+
 def _local_tokenizer(spec, base_dir: Path) -> Path | None:
     """The folder holding the model's tokenizer.json, when the model is a local folder or config.json."""
     try:
@@ -65,10 +72,10 @@ def check_data(spec, spec_path: Path) -> DataCheck:
     if not files:
         return DataCheck(None, spec=spec)
     base = spec_path.parent
-    if all(looks_like_hub_id(f) and not (base / f).exists() for f in files):
+    if all(looks_like_hub_id(f) and not _size(base / f) for f in files):
         return DataCheck(None, [f"data: {', '.join(files)}: a hub dataset, read when the run starts (not checked "
                                 "here)"], spec=spec)
-    size = sum((base / f).stat().st_size for f in files if (base / f).is_file())
+    size = sum(_size(base / f) for f in files)
     tok = _local_tokenizer(spec, base) if size <= EXACT_COUNT_BYTES else None
     d = spec.data
     sources = [*([d.path] if isinstance(d.path, str) else d.path or []),

@@ -19,8 +19,38 @@ def norm_saved_bytes(s: Setup, tokens: int, trains_norms: bool) -> int:
         return 4 * tokens * h + 8 * tokens
     saved = 4 * tokens * h + 4 * tokens
     if trains_norms:  # weight * normed: the normed tensor is saved for the weight's gradient
-        saved += (4 if s.shape.norm == "rms_gemma" else s.compute_bytes) * tokens * h
+        saved += (4 if s.shape.norm in ("rms_gemma", "rms_fp32") else s.compute_bytes) * tokens * h
     return saved
+
+
+def qk_norm_saved_bytes(s: Setup, trains_norms: bool) -> tuple[int, str]:
+    """RMSNorm on q and k (Qwen3, Gemma 3: per head over head_dim; OLMo 2: over the whole projection):
+    each saves its fp32 input and 1/rms per normalized row, and with trained norm weights the normed tensor."""
+    sh = s.shape
+    if not sh.qk_norm:
+        return 0, ""
+    T, width = s.geometry.tokens, (sh.num_heads + sh.num_kv_heads) * sh.head_dim
+    rows = T * (sh.num_heads + sh.num_kv_heads) if sh.qk_norm == "head" else 2 * T
+    saved = 4 * T * width + 4 * rows
+    formula = "4·T·(a+kv)·d + 4·rows"
+    if trains_norms:
+        per = 4 if sh.norm in ("rms_gemma", "rms_fp32") else s.compute_bytes
+        saved += per * T * width
+        formula += f" + {per}·T·(a+kv)·d"
+    return saved, formula
+
+
+def _masked_layers(s: Setup) -> int:
+    """Layers whose sdpa call receives an explicit mask (so GQA's k/v are repeated to num_heads): all of
+    them with a padding mask; sliding-window layers once the sequence reaches the window."""
+    sh, g = s.shape, s.geometry
+    if g.attention != "sdpa":
+        return 0
+    if g.padded:
+        return sh.num_layers
+    if sh.sliding_layers and g.seq_len >= sh.sliding_window:
+        return sh.sliding_layers
+    return 0
 
 
 def attention_saved_bytes(s: Setup) -> tuple[int, dict]:
@@ -28,11 +58,16 @@ def attention_saved_bytes(s: Setup) -> tuple[int, dict]:
     sh, g, e = s.shape, s.geometry, s.compute_bytes
     b, seq, a, d = g.micro_batch_size, g.seq_len, sh.num_heads, sh.head_dim
     T = b * seq
-    kv = sh.num_kv_heads
-    if g.attention == "eager" or (g.attention == "sdpa" and g.padded):
-        kv = a  # repeat_kv materializes k and v at num_heads (eager; sdpa with a padding mask)
-    saved = e * T * a * d + 2 * e * T * kv * d  # q, k, v after rotary
-    formula = "e·T·(a·d + 2·kv·d)"
+    kv, L = sh.num_kv_heads, sh.num_layers
+    # repeat_kv materializes k and v at num_heads: eager always; sdpa when its call gets a mask (padding,
+    # a sliding window the sequence reaches) or the head is wider than 256 (transformers' GQA condition)
+    if g.attention == "eager" or (g.attention == "sdpa" and d > 256):
+        repeated = L
+    else:
+        repeated = _masked_layers(s)
+    saved = e * T * a * d + (2 * e * T * d * (repeated * a + (L - repeated) * kv)) // L  # q, k, v after rotary
+    kv = a if repeated == L else kv if repeated == 0 else round((repeated * a + (L - repeated) * kv) / L, 2)
+    formula = "e·T·(a·d + 2·kv·d)" + (" (kv: mean over layers)" if 0 < repeated < L else "")
     if sh.fused_qkv_views:
         saved += e * T * (a + sh.num_kv_heads) * d  # v is a view of the fused qkv output: all of it stays
         formula += " + e·T·(a+kv)·d (fused qkv storage)"
@@ -45,6 +80,10 @@ def attention_saved_bytes(s: Setup) -> tuple[int, dict]:
     else:
         saved += e * T * a * d + 4 * b * a * seq  # output + fp32 log-sum-exp
         formula += " + e·T·a·d + 4·b·a·s"
+        masked = _masked_layers(s)
+        if masked:  # sdpa converts a bool mask to an additive one in q's dtype, per call, and saves it
+            saved += (e * b * seq * seq * masked) // L
+            formula += " + e·b·s² (additive mask" + (", mean over layers)" if masked < L else ")")
     return saved, {"formula": formula, "T": T, "a": a, "kv_saved": kv, "d": d, "e": e}
 
 
@@ -85,9 +124,12 @@ def layer_terms(s: Setup, method: Method) -> list[Term]:
     attn, attn_inputs = attention_saved_bytes(s)
     mlp, mlp_formula = mlp_saved_bytes(s, T)
     norms = sh.norms_per_layer * norm_saved_bytes(s, T, method.trains_norms())
+    qk, qk_formula = qk_norm_saved_bytes(s, method.trains_norms())
     terms = [
         Term("activations", "linear modules (inputs kept for backward)", proj, "per method", proj_inputs),
         Term("activations", "attention (q, k, v, output)", attn, attn_inputs.pop("formula"), attn_inputs),
+        *([Term("activations", f"q/k norms ({sh.qk_norm}, fp32 copies)", qk, qk_formula,
+                {"T": T, "a": sh.num_heads, "kv": sh.num_kv_heads, "d": sh.head_dim})] if qk else []),
         Term("activations", "MLP internals", mlp, mlp_formula, {"T": T, "i": sh.intermediate_size}),
         Term("activations", "norms (fp32 input copies)", norms, f"{sh.norms_per_layer} × (4·T·h + 4·T)",
              {"T": T, "h": sh.hidden_size}),
@@ -99,38 +141,38 @@ def layer_terms(s: Setup, method: Method) -> list[Term]:
 
 
 def outside_layers_terms(s: Setup, method: Method) -> list[Term]:
-    """Activations outside the decoder layers: inputs, rotary tables, mask, final norm, lm_head input."""
+    """Activations outside the decoder layers, as two terms: what every layer's recomputation still needs in
+    backward (ids, labels, masks, rotary tables, embedding indices) and what the final norm and the head save."""
     sh, g, e = s.shape, s.geometry, s.compute_bytes
     T, b, seq = g.tokens, g.micro_batch_size, g.seq_len
     saved = 24 * T  # input_ids, labels (+ shifted copy), int64
     formula = "24·T (ids, labels)"
+    mask_bytes = e if g.attention == "eager" else 1
+    full_layers = sh.num_layers - sh.sliding_layers
     if g.padded:
         saved += 8 * T  # attention_mask
-        mask_bytes = e if g.attention == "eager" else 1
-        saved += mask_bytes * b * seq * seq  # 4D mask built once per forward
-        formula += " + 8·T + mask·b·s²"
-    if sh.learned_positions == 0:
-        saved += 2 * e * T * sh.head_dim  # cos and sin
-    saved += norm_saved_bytes(s, T, method.trains_norms())  # final norm
+        masks = (1 if full_layers else 0) + (1 if sh.sliding_layers else 0)  # one 4D mask per attention type
+        if g.attention in ("sdpa", "eager"):
+            saved += masks * mask_bytes * b * seq * seq  # 4D mask built once per forward
+        formula += f" + 8·T + {masks}×mask·b·s²"
+    elif g.attention == "sdpa" and sh.sliding_layers and seq >= sh.sliding_window:
+        saved += seq * seq  # the sliding-window mask (bool, broadcast over the batch); full layers use is_causal
+        formula += " + s² (sliding-window mask)"
+    if sh.rotary_width:
+        saved += sh.rotary_tables * 2 * e * T * sh.rotary_width  # cos and sin (one pair per rotary table)
+        formula += " + cos/sin"
     if method.trains_lm_head():
-        saved += e * T * sh.hidden_size + 8 * T  # lm_head input; embedding indices
+        saved += 8 * T  # embedding indices, for the embedding's gradient
     if sh.dropouts.get("embedding"):
         saved += (A.DROPOUT_MASK_BYTES.get(s.device_kind) or e) * T * sh.hidden_size
-    return [Term("activations", "outside the layers (inputs, final norm, masks)", saved, formula,
-                 {"T": T, "h": sh.hidden_size})]
-
-
-def logits_term(s: Setup) -> Term:
-    """The loss: fp32 log-softmax output plus the two fp32 gradients alive at the start of backward."""
-    sh, T = s.shape, s.geometry.tokens
-    V = sh.vocab_size
-    n = A.LOGIT_FP32_COPIES_AT_PEAK
-    total = n * 4 * T * V
-    formula = f"{n} × 4·T·V"
-    if sh.final_logit_softcap:
-        total += s.compute_bytes * T * V
-        formula += " + e·T·V (softcap tanh)"
-    return Term("logits", "logits and fp32 cross-entropy", total, formula, {"T": T, "V": V})
+    head = norm_saved_bytes(s, T, method.trains_norms())  # final norm
+    head_formula = "final norm"
+    if method.trains_lm_head() and s.loss == "full":
+        head += e * T * sh.hidden_size  # lm_head's input, for its weight gradient (the chunked loss saves none)
+        head_formula += " + e·T·h (lm_head input)"
+    return [Term("activations", "inputs, masks and rotary tables (kept for every layer)", saved, formula,
+                 {"T": T, "h": sh.hidden_size}),
+            Term("activations", "final norm (and the head's input)", head, head_formula, {"T": T, "h": sh.hidden_size})]
 
 
 def checkpoint_term(s: Setup) -> Term:
@@ -140,9 +182,24 @@ def checkpoint_term(s: Setup) -> Term:
                 {"L": sh.num_layers, "T": T, "h": sh.hidden_size, "e": s.compute_bytes})
 
 
+def working_extra(sh) -> int:
+    """Bytes per element the backward of some layers holds besides the method's coefficient: a gated MLP with the
+    tanh-approximated GELU (Gemma) keeps its backward's temporaries (assumptions.BACKWARD_WORKING_EXTRA)."""
+    if sh.gated_mlp and str(sh.activation).startswith("gelu"):
+        return A.BACKWARD_WORKING_EXTRA["gated_gelu"]
+    return 0
+
+
 def backward_working_term(s: Setup, method: Method) -> Term:
     sh, T = s.shape, s.geometry.tokens
-    width = max(sh.hidden_size, sh.intermediate_size * (sh.experts_per_token or 1))
-    c = method.backward_working_coefficient(sh.gated_mlp)
+    # the widest gradient inside the MLP: i, or 2i where gate and up are one fused projection (Phi-3)
+    fused = max((l.out_features for l in sh.linears if l.input == "mlp_in" and l.is_linear), default=0)
+    width = max(sh.hidden_size, sh.intermediate_size * (sh.experts_per_token or 1), fused)
+    narrower = getattr(method, "backward_working_width", lambda _s: None)(s)  # NF4 experts run one at a time
+    if narrower is not None:
+        width = narrower
+    c = method.backward_working_coefficient(sh.gated_mlp) + working_extra(sh)
+    if s.adapters_in_compute_dtype and method.adapter:  # FSDP2 mixed precision: measured separately
+        c = A.BACKWARD_WORKING_BYTES["adapter_fsdp"] + working_extra(sh)
     return Term("transient", "gradients flowing through one layer", c * T * width, f"{c}·T·max(h, i)",
                 {"T": T, "width": width})

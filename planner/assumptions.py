@@ -16,9 +16,13 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ADAPTER_BYTES = 4
 
 # Training runs under autocast to the compute dtype (Trainer bf16=/fp16=True). Linear layers of the
-# adapters therefore compute in 16-bit: peft casts the layer input to the adapter dtype (fp32) and
-# autocast casts it back, so every adapted module saves its *own* 16-bit copy of its input.
+# adapters therefore compute in 16-bit. peft would cast each adapted module's input to the adapter dtype
+# (fp32) and autocast would cast it straight back, so that every adapted module saved its own 16-bit copy;
+# the runtime turns that no-op round trip off in training (runtime/train.py keep_adapter_inputs_16bit): lora_A
+# saves the 16-bit input itself, shared by the modules that read it (q/k/v, gate/up), and the backward makes
+# no fp32 copies of the input gradients.
 AUTOCAST = True
+LORA_INPUTS_UNCAST = True
 
 # Full fine-tuning keeps weights, gradients and optimizer state in the training dtype ("pure bf16",
 # as torchtune's full-finetune recipes do). On fp16-only devices pure fp16 training is unstable and
@@ -42,9 +46,27 @@ NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 # transformers' 4-bit loading converts nn.Linear modules of the decoder only: the embeddings, the
 # output head (modules_to_not_convert = the tied/output embeddings) and norms stay in the compute
 # dtype. The runtime does not call peft's prepare_model_for_kbit_training, which would upcast all of
-# them to fp32 (+2 bytes per embedding parameter). MoE experts stored as fused 3D parameters
-# (transformers 5 Mixtral) are not nn.Linear: they are neither quantized nor adapted by "all-linear".
+# them to fp32 (+2 bytes per embedding parameter).
 QUANTIZE_ONLY_DECODER_LINEARS = True
+
+# MoE under qlora/qdora (runtime/moe.py). transformers 5 stores routed experts as fused 3-D parameters
+# (Mixtral, Qwen3-MoE, OLMoE, GraniteMoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]; gpt-oss and
+# Llama 4 transposed), which 4-bit loading leaves alone. The runtime quantizes them itself: each expert's
+# matrix separately with bitsandbytes.functional.quantize_4bit (NF4, blocks of 64, double quantization),
+# so per expert matrix n/2 packed bytes, n/64 uint8 absmax, 4 bytes per 256 absmax and an fp32 offset,
+# plus one 16-entry and one 256-entry fp32 code per experts module. Routers and expert biases stay in
+# the compute dtype; shared experts and dense MLPs are nn.Linear and so NF4 already. Each forward runs
+# bitsandbytes.matmul_4bit per expert that receives tokens: the transient is one expert's de-quantized
+# matrix (its backward de-quantizes it again; nothing 16-bit is saved), and each expert sees top_k / E
+# of the tokens. lora/dora/full keep the experts in the compute dtype.
+QUANTIZE_FUSED_EXPERTS = True
+NF4_EXPERT_OFFSET_BYTES = 4  # fp32 offset of the double-quantized absmax, per expert matrix
+NF4_EXPERTS_MODULE_BYTES = 16 * 4 + 256 * 4  # NF4 code and nested code, once per experts module
+# Adapters: "all-linear" means the nn.Linear / Linear4bit modules (attention, shared experts, dense MLPs),
+# never the fused experts or the router. peft >= 0.18 under transformers 5 would otherwise turn it into
+# target_parameters on Mixtral / Qwen-MoE / OLMoE experts and routers (its v4-compatibility mapping),
+# which NF4 experts do not have and which fail with lora_dropout > 0 (runtime/moe.py adapter_targets).
+ALL_LINEAR_SKIPS_FUSED_EXPERTS = True
 
 # --- Optimizer state (bytes per trainable parameter, in state dtype) ------------------------------
 # torch.optim.AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; bitsandbytes 8-bit AdamW
@@ -81,12 +103,35 @@ DROPOUT_MASK_BYTES = {"cuda": 1, "cpu": None}  # None: same as the dropped tenso
 # together: 3 x 4 bytes per logit. The 16-bit logits are freed with the model outputs before backward.
 LOGIT_FP32_COPIES_AT_PEAK = 3
 
+# ... that is the `loss = "full"` path. By default (`loss = "chunked"`, runtime/loss.py) the head and the loss run
+# together, LOSS_CHUNK tokens at a time: a chunk's logits in the compute dtype and in fp32, and the gradients
+# (softmax - one-hot) computed in the same pass, so only the hidden states' gradient (tokens x hidden, in the hidden
+# states' dtype) and, for a trainable head, an fp32 gradient accumulator (vocab x hidden) outlive the loss. The
+# chunk is the largest power of two C with C x V x (4 + compute bytes) <= LOSS_CHUNK_BUDGET_BYTES, within
+# [LOSS_CHUNK_MIN, LOSS_CHUNK_MAX] (runtime/loss.py's chunk_tokens; the same three numbers). Measured op by op on
+# CPU (tests/runtime/test_loss.py); the standard path measured 12.07 x T x V (fp32) and 12.17 (bf16 autocast).
+# On CUDA with liger-kernel installed (the [cuda] extra) Liger's fused kernel runs instead, with a smaller chunk of
+# its own: the estimate keeps the PyTorch path's terms, an upper bound for it.
+LOSS_CHUNK_BUDGET_BYTES = 256 * 2**20
+LOSS_CHUNK_MIN = 16
+LOSS_CHUNK_MAX = 4096
+
+# Activation offloading (`activation_offloading = true`, runtime/offload.py, CUDA only, with gradient
+# checkpointing): the checkpointed layer inputs go to pinned host memory during the forward pass on a side stream
+# and come back one layer ahead in backward; at most OFFLOAD_LAYERS_ON_DEVICE of them are on the device at any
+# moment (two in flight while copying out, the one in use and the one prefetched in backward). Host memory holds
+# all of them, up to twice that in pinned blocks (torch rounds pinned allocations up to powers of two).
+OFFLOAD_LAYERS_ON_DEVICE = 3
+
 # Working memory of one decoder layer's backward pass (gradients of its intermediate tensors), in
-# bytes per token per feature of the widest adapted/trained input. Measured: ~8 bytes/element for
-# fp32 adapters under autocast (a 16-bit gradient, its fp32 copy through peft's cast and the 16-bit
-# result), ~6 for full fine-tuning.
-# A non-gated MLP (GPT-2, Phi-2) has one intermediate gradient fewer: ~6.
-BACKWARD_WORKING_BYTES = {"adapter": 8, "adapter_plain_mlp": 6, "full": 6}
+# bytes per token per feature of the widest MLP gradient (i, or 2i for a fused gate/up). Measured on the CPU
+# calibration tables (benchmarks/calibrate.py, 2026-11-30, fitted as the median |error| over 267 runs): ~4
+# bytes/element for adapters with 16-bit inputs (LORA_INPUTS_UNCAST: the gradients stay 16-bit), ~3 for full
+# fine-tuning; a gated MLP with the tanh-approximated GELU (Gemma) keeps ~3 more for its backward's temporaries.
+# Under FSDP2 (accelerate, mixed precision: the adapters themselves cast to bf16 for the step) the two-rank CPU
+# calibration fits ~4 as well (benchmarks/calibrate_parallel.py).
+BACKWARD_WORKING_BYTES = {"adapter": 4, "adapter_plain_mlp": 4, "full": 3, "adapter_fsdp": 4}
+BACKWARD_WORKING_EXTRA = {"gated_gelu": 3}
 
 # --- Device overhead (device_total_bytes - peak_allocated_bytes) ----------------------------------
 # CUDA context + cuBLAS/cuDNN workspaces as nvidia-smi shows them for a PyTorch process: about
@@ -94,6 +139,10 @@ BACKWARD_WORKING_BYTES = {"adapter": 8, "adapter_plain_mlp": 6, "full": 6}
 CUDA_CONTEXT_BYTES = 512 * 2**20
 # Caching allocator: reserved exceeds allocated by fragmentation; torch's own docs and published
 # runs show reserved/allocated of 1.05-1.25 in steady training. We use a fraction of the peak.
+# Generated launches set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (run.sh and train.py), which lets a
+# segment grow in place instead of splitting blocks between differently sized tensors: PyTorch's CUDA memory notes
+# describe it as the remedy for fragmentation with changing batch shapes. We keep 10% of the peak as the reserve:
+# not lowered until GPU runs measure reserved - allocated under the setting (no device was lent to check it).
 ALLOCATOR_RESERVE_FRACTION = 0.10
 # Safety headroom the planner keeps free on the device when it decides whether a plan fits.
 FIT_HEADROOM_FRACTION = 0.05

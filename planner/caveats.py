@@ -29,8 +29,9 @@ BF16_HALF_ULP = 2.0**-9
 
 def expert_weight_params(shape: ModelShape) -> int:
     """Weights of the experts' matrices over all layers."""
-    return shape.num_layers * sum(lin.experts * lin.in_features * lin.out_features
-                                  for lin in shape.linears if lin.experts > 1)
+    return round(shape.num_layers * sum(lin.experts * lin.in_features * lin.out_features
+                                        * float(getattr(lin, "layer_share", 1.0))
+                                        for lin in shape.linears if lin.experts > 1))
 
 
 def quantized_params(est: MemoryEstimate) -> int | None:

@@ -28,11 +28,12 @@ from .explain import NOMINAL_EXAMPLES, paging_reason, parallel_reason, warnings_
 from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_epoch
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
-from .paging import PagingCost, needed_bytes, paging_cost
+from .paging import PagingCost, host_link_gbps, needed_bytes, paging_cost
 from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, shard, topology
 from .report import EstimateReport, estimate_spec
 from .terms import AdapterSettings, Setup, duration, gib
 from .throughput import TimeEstimate, estimate_time, full_rows, lengths_for_mean
+from .time_advice import caps_headline, meet_the_caps
 from .tokens import Lengths, packing_pays
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -62,6 +63,7 @@ class Candidate:
     paging: PagingCost | None = None  # paged state that does not fit: moved to the host and back every step
     rank_seconds: float = float("inf")  # the time the candidates are ranked by (nominal without num_examples)
     packing: bool = False  # examples packed into full seq_len rows (the runtime's pack()) instead of padded
+    offload_seconds: float = 0.0  # activation offloading's transfer time not hidden by compute, over the run
 
     @property
     def micro_batch(self) -> int:
@@ -79,7 +81,7 @@ class Candidate:
         g = self.setup.geometry
         where = f", {self.parallelism} over {self.devices} devices" if self.devices > 1 else ""
         drop = f", dropout {self.setup.adapter.dropout:g}" if METHODS[self.method].adapter else ""
-        pack = ", packed" if self.packing else ""
+        pack = (", packed" if self.packing else "") + (", activations offloaded" if self.setup.offload else "")
         return (f"micro-batch {g.micro_batch_size} × {g.seq_len}{pack}, gradient checkpointing "
                 f"{'on' if g.gradient_checkpointing else 'off'}, {self.setup.optimizer}{drop}{where}")
 
@@ -96,6 +98,7 @@ class PlanResult:
     reasons: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    suggestions_for: str = "memory"  # what the suggestions fix: "memory" (nothing fits) or "caps" (time, cost)
     steps_per_epoch: int | None = None
     warnings: list[str] = field(default_factory=list)  # what the plan must say although it fits
     given: frozenset[str] = frozenset()  # the geometry keys the spec set ("training.micro_batch_size", ...)
@@ -132,6 +135,14 @@ def _packings(spec: Spec, lengths: Lengths | None) -> list[bool]:
     return [False, True] if lengths is not None else [False]
 
 
+def _offloads(spec: Spec, report: EstimateReport, gc: bool) -> list[bool]:
+    """Activation offloading as the spec sets it; left out, also tried on a GPU with gradient checkpointing (what
+    it offloads are the checkpointed layer inputs); `_best` keeps it only where it pays."""
+    if spec.training.activation_offloading is not None:
+        return [spec.training.activation_offloading and not report.hardware.device.is_cpu]
+    return [False, True] if gc and not report.hardware.device.is_cpu else [False]
+
+
 def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: list[bool]):
     """(micro-batch, checkpointing, optimizer, parallelism, devices used, packing); the global batch stays within
     the effective batch unless the user fixed the micro-batch. Packed rows under flash_attention_2 need one row per
@@ -152,7 +163,8 @@ def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: li
                     for packing in packings:
                         if packing and attention == "flash_attention_2" and mb > 1:
                             continue
-                        yield mb, gc, opt, par, used, packing
+                        for offload in _offloads(spec, report, gc):
+                            yield mb, gc, opt, par, used, packing, offload
 
 
 def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice],
@@ -166,7 +178,7 @@ def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str
 
 def _candidate(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice], adapter: AdapterSettings,
                geometry: tuple, topo, lengths: Lengths | None) -> Candidate:
-    mb, gc, opt, par, used, packing = geometry
+    mb, gc, opt, par, used, packing, offload = geometry
     base = report.resolved.setup
     dev = report.hardware.device
     accumulation = spec.training.gradient_accumulation_steps or accumulation_for(
@@ -176,17 +188,17 @@ def _candidate(spec: Spec, report: EstimateReport, method: str, hyper: dict[str,
     masked = not (packing and base.geometry.attention == "flash_attention_2")
     g = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc, gradient_accumulation_steps=accumulation,
                 padded=masked)
-    s = replace(base, geometry=g, optimizer=opt, adapter=adapter)
+    s = replace(base, geometry=g, optimizer=opt, adapter=adapter, offload=offload)
     single = estimate(method, s)
     est = shard(single, s, par, used, METHODS[method].quantized)
     need = needed_bytes(est, dev)
     fits = need <= report.usable_bytes
     paged = paging_cost(est, dev, report.usable_bytes) if fits else None
-    tm, rank = _time(spec, report, method, s, single, par, used, paged, topo, float(hyper["epochs"].value),
-                     float(hyper["eval_fraction"].value), packing, lengths)
+    tm, rank, moved = _time(spec, report, method, s, single, par, used, paged, topo, float(hyper["epochs"].value),
+                            float(hyper["eval_fraction"].value), packing, lengths)
     price = dev.price_usd_per_hour
     cost = tm.seconds / 3600 * price * used if (tm is not None and price is not None) else None
-    return Candidate(method, s, est, fits, accumulation, tm, cost, par, used, need, paged, rank, packing)
+    return Candidate(method, s, est, fits, accumulation, tm, cost, par, used, need, paged, rank, packing, moved)
 
 
 def training_examples(num_examples: int, eval_fraction: float) -> int:
@@ -197,9 +209,9 @@ def training_examples(num_examples: int, eval_fraction: float) -> int:
 
 def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: MemoryEstimate, par: str, used: int,
           paged: PagingCost | None, topo, epochs: float, eval_fraction: float, packing: bool,
-          lengths: Lengths | None) -> tuple[TimeEstimate | None, float]:
-    """(the time to show, or None without num_examples; the time to rank by): the fitted time model
-    (planner/throughput.py) plus what the plan adds per optimizer step: communication and paging."""
+          lengths: Lengths | None) -> tuple[TimeEstimate | None, float, float]:
+    """(the time to show, or None without num_examples; the time to rank by; offloading's share of it): the fitted
+    time model (planner/throughput.py) plus what the plan adds: communication, paging, activation offloading."""
     dev, d = report.hardware.device, spec.data
     n = training_examples(d.num_examples or NOMINAL_EXAMPLES, eval_fraction)
     sharded = par in ("fsdp", "deepspeed-zero2", "deepspeed-zero3")
@@ -209,7 +221,7 @@ def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: Mem
                        lengths=lengths or full_rows(s.geometry.seq_len), devices=used,
                        shards=used if sharded else 1, tflops=spec.hardware.tflops, trainable_bytes=upcast)
     if tm is None:
-        return None, float("inf")
+        return None, float("inf"), 0.0
     steps = tm.optimizer_steps
     notes = list(tm.assumptions)
     extra = [0.0, 0.0, 0.0]  # best, middle, worst
@@ -223,13 +235,34 @@ def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: Mem
         extra = [extra[0] + low, extra[1] + mid, extra[2] + high]
         notes.append(f"paging: {gib(paged.bytes)} of optimizer state to host memory and back every optimizer step over "
                      f"{paged.link}, ~{duration(mid)} in all (range {duration(low)}–{duration(high)})")
+    moved = 0.0
+    if s.offload:
+        moved, note = offload_seconds(s, dev, tm)
+        extra = [x + moved for x in extra]
+        notes.append(note)
     tm = replace(tm, seconds=tm.seconds + extra[1], low_seconds=tm.low_seconds + extra[0],
                  high_seconds=tm.high_seconds + extra[2], assumptions=tuple(notes))
-    return (tm if d.num_examples else None), tm.seconds
+    return (tm if d.num_examples else None), tm.seconds, moved
+
+
+def offload_seconds(s: Setup, dev, tm: TimeEstimate) -> tuple[float, str]:
+    """Activation offloading's time over the run: each micro-step copies every checkpointed layer input to the host
+    and back (2·L·X bytes over PCIe, X = e·T·h); the copies run on a side stream while the layers compute, so only
+    what exceeds the micro-step's own time shows (runtime/offload.py's docstring)."""
+    sh, g = s.shape, s.geometry
+    x = s.compute_bytes * g.tokens * sh.hidden_size
+    gbps, link = host_link_gbps(dev)
+    transfer = 2 * sh.num_layers * x / (gbps * 1e9)
+    micro_steps = tm.optimizer_steps * g.gradient_accumulation_steps
+    per_micro = tm.seconds / max(micro_steps, 1)
+    extra = max(0.0, transfer - per_micro) * micro_steps
+    return extra, (f"activation offloading: {sh.num_layers} × {x / 2**20:,.0f} MiB of layer inputs to host memory "
+                   f"and back every micro-step over {link} ({gbps:g} GB/s), {transfer:.3f} s against {per_micro:.3f} s of "
+                   f"compute: ~{duration(extra)} not hidden")
 
 
 def _best(cands: list[Candidate], priority: str, usable: int | None = None) -> Candidate:
-    fitting = [c for c in cands if c.fits]
+    fitting = _offload_where_it_pays([c for c in cands if c.fits])
     if fitting and priority == "memory":
         return min(fitting, key=lambda c: (c.needed_bytes, c.seconds))
     if fitting:
@@ -245,6 +278,18 @@ def _best(cands: list[Candidate], priority: str, usable: int | None = None) -> C
             return fastest
         return rules.with_margin(fastest, fitting, usable)[0]
     return min(cands, key=lambda c: c.needed_bytes)
+
+
+def _offload_where_it_pays(fitting: list[Candidate]) -> list[Candidate]:
+    """Offloaded candidates stay only where offloading pays (rules.OFFLOAD_BATCH_GAIN): nothing fits without it,
+    or it allows a micro-batch that many times larger than any without it, and is faster."""
+    plain = [c for c in fitting if not c.setup.offload]
+    if not plain:
+        return fitting
+    largest = max(c.micro_batch for c in plain)
+    quickest = min(c.seconds for c in plain)
+    return plain + [c for c in fitting if c.setup.offload and c.micro_batch >= rules.OFFLOAD_BATCH_GAIN * largest
+                    and c.seconds < quickest]
 
 
 def _bests(cands: dict[str, list[Candidate]], hypers: dict[str, dict[str, Choice]],
@@ -302,6 +347,9 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     for m, c in best.items():
         hypers[m] = _dropout_choice(hypers[m], c, "0: with the DoRA authors' 0.05 it does not fit")
     allowed = [spec.method.name] if spec.method.name != "auto" else methods
+    prequantized = report.model.prequantized == "bnb-4bit"
+    if prequantized:  # its 16-bit weights are not in the checkpoint: only a 4-bit base trains from it as it is
+        allowed = [m for m in allowed if METHODS[m].quantized]
     result = PlanResult(report=report, best=best, chosen=None, given=_given(spec), lengths=measured)
     o = spec.objective
 
@@ -316,8 +364,10 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     for m, c in best.items():
         if m not in allowed:
             verdict = "fits" if c.fits else "does not fit"
-            result.rejected.append({"method": m, "why": f"method.name = {spec.method.name!r} is set in the spec "
-                                                        f"({m} {verdict} at {gib(c.needed_bytes)})"})
+            why = (f"{report.model.name} is a 4-bit (bitsandbytes) checkpoint: its 16-bit weights are not in it, so "
+                   "only QLoRA/QDoRA train from it; use the 16-bit original for this method" if prequantized and
+                   not METHODS[m].quantized else f"method.name = {spec.method.name!r} is set in the spec")
+            result.rejected.append({"method": m, "why": f"{why} ({m} {verdict} at {gib(c.needed_bytes)})"})
         elif not c.fits:
             short = c.needed_bytes - report.usable_bytes
             result.rejected.append({"method": m, "why": (
@@ -328,14 +378,21 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
 
     if not viable:
         considered = {m: c for m, c in best.items() if m in allowed}
+        if all(c.fits for c in considered.values()):  # memory is fine: time or cost is over the objective's caps
+            result.suggestions = meet_the_caps(spec, report, considered, measured, float(hypers[allowed[0]]["epochs"].value))
+            result.suggestions_for = "caps"
+            raise NothingFits(caps_headline(spec, considered), result)
         result.suggestions = what_would_fit(spec, report, considered)
-        limits = [r["why"] for r in result.rejected if "over objective" in r["why"]]
-        head = ("no method fits the objective's limits: " + "; ".join(limits)) if limits and all(
-            c.fits for c in considered.values()) else nothing_fits_headline(report, considered, spec.method.name)
-        raise NothingFits(head, result)
+        raise NothingFits(nothing_fits_headline(report, considered, spec.method.name), result)
 
     candidates = {m: c for m, c in without_dropout.items() if c.fits and not over_limits(c) and m in allowed}
-    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes)
+    roomy = [c for c in all_cands["full"] if c.fits and not over_limits(c)
+             and 1 - c.needed_bytes / report.usable_bytes >= rules.FULL_FT_MIN_HEADROOM]
+    roomy_full = min(roomy, key=lambda c: c.seconds) if roomy else None
+    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes, roomy_full)
+    if prequantized and spec.method.name == "auto":
+        reasons = [f"{report.model.name} is stored in 4-bit (bitsandbytes NF4): {chosen.method} trains it as it is",
+                   *[r for r in reasons[1:] if "does not fit" not in r]]
     if chosen.devices > 1:
         reasons.append(parallel_reason(chosen, all_cands))
     if chosen.paging is not None:
@@ -355,7 +412,7 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     result.steps_per_epoch = (chosen.time.count.optimizer_steps if chosen.time and chosen.time.count else
                               steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
                                               chosen.devices, float(hyper["eval_fraction"].value)))
-    reasons += _packing_reasons(spec, chosen, measured)
+    reasons += _packing_reasons(spec, chosen, measured) + _offload_reasons(spec, chosen, all_cands[chosen.method])
     margin = rules.with_margin(chosen, [c for c in all_cands[chosen.method] if c.fits], report.usable_bytes)[1]
     if margin is None and chosen.needed_bytes > rules.TIGHT_FRACTION * report.usable_bytes:
         result.warnings.append(f"the plan fills {chosen.needed_bytes / report.usable_bytes:.0%} of the usable memory "
@@ -363,6 +420,18 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
                                "run out of memory")
     result.warnings = warnings_for(spec, report, chosen, hyper) + result.warnings
     return result
+
+
+def _offload_reasons(spec: Spec, c: Candidate, cands: list[Candidate]) -> list[str]:
+    """Why activation offloading is on, when the planner turned it on: what it bought and what it costs."""
+    if not c.setup.offload or spec.training.activation_offloading is not None:
+        return []
+    plain = [x for x in cands if x.fits and not x.setup.offload]
+    gain = ("nothing fits without it" if not plain else
+            f"micro-batch {c.micro_batch} instead of {max(x.micro_batch for x in plain)} at most without it, "
+            f"{min(x.seconds for x in plain) / c.seconds:.2f}x faster overall")
+    return [f"activation offloading on: {gain}; the checkpointed layer inputs live in host memory, "
+            f"~{duration(c.offload_seconds)} of PCIe transfer not hidden by compute"]
 
 
 def _packing_reasons(spec: Spec, c: Candidate, lengths: Lengths | None) -> list[str]:
@@ -382,7 +451,8 @@ def _given(spec: Spec) -> frozenset[str]:
 
 
 def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate], best: dict[str, Candidate],
-            without_dropout: dict[str, Candidate], usable: int) -> tuple[Candidate, list[str], str | None]:
+            without_dropout: dict[str, Candidate], usable: int,
+            roomy_full: Candidate | None = None) -> tuple[Candidate, list[str], str | None]:
     """(chosen candidate, reasons, why its dropout was turned off — or None)."""
     prio = spec.objective.priority
     if spec.method.name != "auto":
@@ -408,7 +478,12 @@ def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate]
             continue
         if method == "full":
             spare = 1 - c.needed_bytes / usable
-            if spare < rules.FULL_FT_MIN_HEADROOM:
+            if spare < rules.FULL_FT_MIN_HEADROOM and roomy_full is not None:
+                reasons.append(f"full fine-tuning's fastest geometry leaves {spare:.0%} of the device free; a roomier "
+                               f"one leaves {1 - roomy_full.needed_bytes / usable:.0%} "
+                               f"({roomy_full.seconds / c.seconds:.2f}x its time)")
+                c = roomy_full
+            elif spare < rules.FULL_FT_MIN_HEADROOM:
                 reasons.append(f"full fine-tuning fits but leaves only {spare:.0%} of the device free "
                                f"(wants ≥ {rules.FULL_FT_MIN_HEADROOM:.0%}): not plentiful")
                 continue

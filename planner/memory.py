@@ -23,9 +23,9 @@ from .activations import (
     backward_working_term,
     checkpoint_term,
     layer_terms,
-    logits_term,
     outside_layers_terms,
 )
+from .loss import loss_terms
 from .methods import METHODS, Method, Tensors
 from .terms import COMPONENTS, Setup, Term
 
@@ -113,14 +113,16 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
     outside = outside_layers_terms(s, m)
     transient = m.layer_transient_terms(s, T)
     working = backward_working_term(s, m)
-    logits = logits_term(s)
+    logits = loss_terms(s, m)
 
     phases: dict[str, list[Term]] = {}
     if g.gradient_checkpointing:
         ckpt = checkpoint_term(s)
+        if s.offload:  # runtime/offload.py: the layer inputs live in host memory, a few at a time on the device
+            ckpt = offloaded_checkpoint_term(s, ckpt)
         one_layer = Term("activations", "one recomputed layer", layer_bytes, "per-layer activations",
                          {"terms": {t.label: int(t.bytes) for t in per_layer}})
-        phases["loss"] = [ckpt, *outside, logits, *held_grads]
+        phases["loss"] = [ckpt, *outside, *logits, *held_grads]
         # Recomputing layer 0: every later layer's gradients already exist. A de-quantized weight lives
         # only inside one matmul, so it and the layer's backward gradients do not overlap: the larger
         # counts. DoRA's weight-norm buffers are built in the recomputed forward while the gradients
@@ -128,15 +130,16 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
         later = Term("gradients", "gradients of the layers already back-propagated",
                      train_bytes - (0 if held_grads else m.not_yet_graded_bytes(s)), "N × bytes − layer 0",
                      {"N": n_train})
-        phases["recompute"] = [ckpt, one_layer, *_inner(m, working, transient), later]
+        # the inputs, masks and rotary tables every layer's recomputation reads are still alive then
+        phases["recompute"] = [ckpt, outside[0], one_layer, *_inner(m, working, transient, s), later]
     else:
         saved = layer_bytes * sh.num_layers - m.layer0_savings(s, T) - _layer0_norm(s, m)
         all_layers = Term("activations", f"{sh.num_layers} layers × per-layer activations", saved,
                           "L × layer − layer-0 savings",
                           {"L": sh.num_layers, "layer": int(layer_bytes),
                            "terms": {t.label: int(t.bytes) for t in per_layer}})
-        phases["loss"] = [all_layers, *outside, logits, *held_grads]
-        phases["layer"] = [all_layers, *outside, *_inner(m, working, transient), *held_grads]
+        phases["loss"] = [all_layers, *outside, *logits, *held_grads]
+        phases["layer"] = [all_layers, *outside, *_inner(m, working, transient, s), *held_grads]
     phases["optimizer"] = [grads]
 
     totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
@@ -154,17 +157,28 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
     )
 
 
-def _inner(m: Method, working: Term, transient: list[Term]) -> list[Term]:
-    """Short-lived buffers inside one layer at its worst moment."""
-    if m.dora:
+def offloaded_checkpoint_term(s: Setup, ckpt: Term) -> Term:
+    """The checkpointed inputs on the device under activation offloading: at most a few layers' worth."""
+    sh, T = s.shape, s.geometry.tokens
+    one = s.compute_bytes * T * sh.hidden_size
+    kept = min(sh.num_layers, A.OFFLOAD_LAYERS_ON_DEVICE)
+    return Term("activations", f"checkpointed layer inputs on the device (offloaded: {kept} of {sh.num_layers})",
+                kept * one, f"min(L, {A.OFFLOAD_LAYERS_ON_DEVICE}) × e·T·h",
+                {"host_bytes": int(ckpt.bytes), "L": sh.num_layers, "T": T, "h": sh.hidden_size})
+
+
+def _inner(m: Method, working: Term, transient: list[Term], s: Setup) -> list[Term]:
+    """Short-lived buffers inside one layer at its worst moment: DoRA's weight-norm buffers add to the backward
+    gradients (measured), except where the method says they do not (NF4 experts: planner/methods/nf4.py)."""
+    if m.dora and getattr(m, "transients_add_to_working", lambda _s: True)(s):
         return [working, *transient]
     return [max([working, *transient], key=lambda t: t.bytes)]
 
 
 def _layer0_norm(s: Setup, m: Method) -> int:
     """Layer 0's first norm reads the frozen embedding output and saves nothing (adapter methods)."""
-    if m.trains_norms() or s.shape.norms_per_layer == 0:
-        return 0
+    if m.trains_norms() or s.shape.norms_per_layer == 0 or not s.shape.input_norm:
+        return 0  # OLMo 2 normalizes each layer's outputs: no norm reads the embeddings
     from .activations import norm_saved_bytes
 
     return norm_saved_bytes(s, s.geometry.tokens, False)

@@ -113,8 +113,14 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quan
             return t
         notes = (["fp32 under FSDP mixed precision"] if up else []) + ([f"sharded /{n}"] if shards else [])
         formula = t.formula + (f" × {upcast:g}" if up else "") + (f" / {n}" if shards else "")
-        return Term(c, f"{t.label} ({', '.join(notes)})", int(t.bytes * (upcast if up else 1) / (n if shards else 1)),
-                    formula, t.inputs)
+        # NF4 MoE experts are buffers of their module (runtime/moe.py): FSDP2 and ZeRO-3 shard parameters only
+        whole = (t.inputs.get("P_experts", 0) // 2 if c == "weights" else t.inputs.get("experts", 0)
+                 if c == "quant_constants" else 0) if shards else 0
+        if whole:
+            notes.append("NF4 experts whole on every device")
+            formula += " (experts unsharded)"
+        sharded = (t.bytes - whole) * (upcast if up else 1) / (n if shards else 1) + whole
+        return Term(c, f"{t.label} ({', '.join(notes)})", int(sharded), formula, t.inputs)
 
     static = [resharded(t) for t in single.terms if t.component in STATIC]
     params = single.trainable_parameters
@@ -134,8 +140,12 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quan
         if rest:
             extras.append(Term("transient", "FSDP root unit gathered (position embeddings)", rest,
                                "positions × h × compute bytes", {"bytes": rest}))
-        loss_extras.append(Term("transient", "FSDP tail unit gathered (lm_head, final norm)", tail,
-                                "(V·h + norm) × compute bytes", {"bytes": tail}))
+        # The chunked loss runs inside the lm_head's own call (runtime/loss.py), where FSDP2 has gathered it; with
+        # an untied head the two-rank calibration measures the tail's bytes twice at that moment (the all-gather's
+        # output and the unsharded parameter view it fills); a tied head is the root unit's embedding, gathered once.
+        copies = 2 if s.loss == "chunked" and not s.shape.tie_embeddings else 1
+        loss_extras.append(Term("transient", "FSDP tail unit gathered (lm_head, final norm)", copies * tail,
+                                f"{copies} × (V·h + norm) × compute bytes", {"bytes": tail, "copies": copies}))
         backward_extras.append(Term("transient", "FSDP gathered layers in backward (current + prefetched)",
                                     2 * layer, "2 × one layer's weights", {"layer_bytes": layer}))
         if full_ft:

@@ -109,15 +109,17 @@ def plan_json(result: PlanResult) -> dict:
             "geometry": {"micro_batch_size": g.micro_batch_size, "gradient_accumulation_steps": c.accumulation,
                          "gradient_checkpointing": g.gradient_checkpointing, "seq_len": g.seq_len,
                          "optimizer": c.setup.optimizer, "attention": g.attention,
-                         "effective_batch_size": c.effective_batch},
+                         "effective_batch_size": c.effective_batch, "packing": c.packing},
             "parallelism": c.parallelism,
             "devices": c.devices,
             "precision": result.report.resolved.precision,
             "estimate": {"peak_allocated_bytes": c.estimate.peak_allocated_bytes,
                          "device_total_bytes": c.estimate.device_total_bytes,
                          "paged_to_host_bytes": c.paging.bytes if c.paging else 0},
-            "time": ({"tokens": c.time.tokens, "seconds": round(c.time.seconds, 1),
+            "time": ({"tokens": c.time.tokens, "useful_tokens": c.time.useful_tokens,
+                      "optimizer_steps": c.time.optimizer_steps, "seconds": round(c.time.seconds, 1),
                       "low_seconds": round(c.time.low_seconds, 1), "high_seconds": round(c.time.high_seconds, 1),
+                      "tokens_per_second": round(c.time.useful_tokens / c.time.seconds, 1) if c.time.seconds else None,
                       "assumptions": list(c.time.assumptions)} if c.time else None),
             "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else None,
             "steps_per_epoch": result.steps_per_epoch,
@@ -125,6 +127,7 @@ def plan_json(result: PlanResult) -> dict:
     else:
         out["chosen"] = None
         out["suggestions"] = result.suggestions
+        out["suggestions_for"] = result.suggestions_for  # memory (nothing fits) | caps (max_hours, budget_usd)
     out["rejected"] = result.rejected
     return out
 
@@ -155,7 +158,8 @@ def render_plan(result: PlanResult, console) -> None:
         lines = [head, "",
                  styled((c.method.upper(), "bold green"), f"{par}  — {result.reasons[0] if result.reasons else ''}"),
                  _memory_line(result, c),
-                 f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens, accumulation {c.accumulation} "
+                 f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens{' (packed)' if c.packing else ''}, "
+                 f"accumulation {c.accumulation} "
                  f"(effective batch {c.effective_batch}), gradient checkpointing "
                  f"{'on' if g.gradient_checkpointing else 'off'}, {c.setup.optimizer}, {rep.resolved.precision}, "
                  f"{g.attention} attention"]
@@ -178,7 +182,8 @@ def render_plan(result: PlanResult, console) -> None:
             hp.add_row(k, str(v.value), styled(("set in the spec", "bright_black")) if v.user_set else v.why)
         console.print(hp)
     else:
-        console.print(Panel(Text("\n").join([head, Text(""), styled(("Nothing fits.", "bold red"))]),
+        console.print(Panel(Text("\n").join([head, Text(""), styled(("Nothing fits." if result.suggestions_for == "memory" else
+                                                                    "Every method fits, none within the caps.", "bold red"))]),
                             title="peftplan plan", title_align="left"))
 
     table = Table(title="All methods (each at its own best geometry)", title_justify="left")
@@ -201,7 +206,8 @@ def render_plan(result: PlanResult, console) -> None:
     console.print(table)
     console.print(legend())
     for title, items in (("Why", result.reasons[1:]), ("Alternatives", [f"{r['method']}: {r['why']}" for r in result.rejected]),
-                         ("What would fit", result.suggestions)):
+                         ("What would fit" if result.suggestions_for == "memory" else "What would meet the caps",
+                          result.suggestions)):
         if items:
             console.print(styled((title, "bold")))
             for item in items:

@@ -29,10 +29,12 @@ TEMPLATES = {  # template -> file in the project
     "ds_config.json.j2": "ds_config.json",
     "requirements.txt.j2": "requirements.txt",
     "gitignore.j2": ".gitignore",
+    "sample.py.j2": "sample.py",
+    "push.py.j2": "push.py",
 }
-EXECUTABLE = {"run.sh", "train.py", "merge.py", "evaluate.py"}
+EXECUTABLE = {"run.sh", "train.py", "merge.py", "evaluate.py", "sample.py", "push.py"}
 RUNTIME_PACKAGE = "peftplan_runtime"
-RUNTIME_SKIP = {"testing.py"}
+RUNTIME_SKIP = {"testing.py", "exact.py"}  # tests' fixtures; the CLI's tracing (never run by a project)
 
 
 # --- escaping filters ------------------------------------------------------------------------------
@@ -134,6 +136,26 @@ def model_location(model: ResolvedModel) -> str:
 _dur = duration
 
 
+def peak_by_row_length(c) -> list[list[int]]:
+    """[row length, predicted peak allocated bytes] at the chosen micro-batch for rows shorter than seq_len: padded
+    batches are only as long as their longest row, so the run compares its measured peak with the prediction for
+    the shape it measured (interpolated between these), not only with full seq_len rows."""
+    from dataclasses import replace
+
+    from .memory import estimate
+    from .methods import METHODS
+    from .parallel import shard
+
+    g = c.setup.geometry
+    lengths = sorted({max(8, g.seq_len >> k) for k in range(5)} | {g.seq_len})
+    out = []
+    for n in lengths:
+        s = replace(c.setup, geometry=replace(g, seq_len=n))
+        est = shard(estimate(c.method, s), s, c.parallelism, c.devices, METHODS[c.method].quantized)
+        out.append([n, int(est.peak_allocated_bytes)])
+    return out
+
+
 def _data_path(raw: str, spec_path: Path, key: str) -> str:
     """A data file as the plan records it: absolute; a hub dataset name (org/name) that is no local path stays a
     name (the runtime fetches it when online)."""
@@ -204,6 +226,8 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
         "save_steps": save_steps,
         "logging_steps": logging_steps,
         "precision": rep.resolved.precision,
+        "loss": c.setup.loss,
+        "activation_offloading": c.setup.offload,
     }
     why = {k: (v.why if not v.user_set else "set in the spec") for k, v in hp.items()}
     eval_fraction = float(hp["eval_fraction"].value)  # chosen by the planner when the spec leaves it out
@@ -218,6 +242,11 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
         "max_steps": "-1: run the epochs", "seed": "set before the adapter is created",
         "save_steps": f"about 5 checkpoints over {total_steps} steps", "logging_steps": "metrics.jsonl cadence",
         "precision": f"{rep.hardware.device.id}: {'bf16' if rep.hardware.device.bf16 else 'no bf16'}",
+        "loss": "set in the spec" if spec.training.loss else
+        "chunked: the head and the loss run a chunk of tokens at a time, never tokens × vocabulary logits",
+        "activation_offloading": "set in the spec" if spec.training.activation_offloading is not None else
+        ("the checkpointed layer inputs go to host memory: it makes the plan fit or allows a much larger batch"
+         if c.setup.offload else "not needed"),
     }
     spec_bytes = spec_path.read_bytes()
     distributed = devices > 1
@@ -240,7 +269,9 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
                   "seconds": round(c.time.seconds, 1) if c.time else -1.0,
                   "low_seconds": round(c.time.low_seconds, 1) if c.time else -1.0,
                   "high_seconds": round(c.time.high_seconds, 1) if c.time else -1.0,
-                  "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else -1.0}
+                  "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else -1.0,
+                  "tokens_per_second": round(c.time.useful_tokens / c.time.seconds, 1) if c.time else -1.0,
+                  "peak_by_row_length": peak_by_row_length(c)}
     comps = [(k, f"{v / 2**30:.2f}") for k, v in c.estimate.components().items() if v]
     memory_rows = [{"method": m, "chosen": m == c.method, "needs": f"{x.needed_bytes / 2**30:.1f}",
                     "fits": "yes" if x.fits else "no", "peak": f"{x.estimate.peak_allocated_bytes / 2**30:.1f}",
@@ -263,7 +294,8 @@ def compile_project(result: PlanResult, spec: Spec, spec_path: Path, out: Path) 
                  "eval_share": f"{eval_fraction:.1%}" if eval_fraction > 0 else "data.eval_path",
                  "eval_why": why["eval_fraction"]},
         "training": {"order": list(training_values), "settings": training_values, "rationale": training_why},
-        "prediction": prediction, "launch": launch, "launch_command": launch_command,
+        "prediction": prediction, "launch": launch,
+        "logging": {"report_to": list(spec.logging.report_to), "run_name": spec.logging.run_name}, "launch_command": launch_command,
         "device": {"name": rep.hardware.device.name, "memory_gib": f"{rep.hardware.device.memory_bytes / 2**30:.0f}"},
         "precision": rep.resolved.precision, "reasons": result.reasons, "rejected": result.rejected,
         "effective_batch": g.micro_batch_size * c.accumulation * devices, "steps_per_epoch": spe,

@@ -149,12 +149,20 @@ def _from_catalog(match: catalog.ModelMatch, describe: Describer | None) -> Reso
 
 
 def _shaped(name: str, source: str, location: str, config: dict, describe: Describer | None = None) -> ResolvedModel:
+    from .config_check import config_problems
+
+    bad = config_problems(config)  # malformed numbers: named one by one, before anything divides by them
+    if bad:
+        raise SpecError([Problem("model.name", f"{location}: {p}") for p in bad])
     try:
         shape = shape_from_config(config)
     except MalformedConfig as exc:  # a known architecture: building it would only fail the same way
         raise SpecError([Problem("model.name", f"{name}: {exc}")]) from None
     except UnsupportedArchitecture as exc:
         return _described(name, source, location, config, str(exc), describe)
+    if shape.parameters <= 0 or shape.num_layers < 1 or shape.hidden_size < 1:
+        raise SpecError([Problem("model.name", f"{location}: describes a model with {shape.parameters:,} parameters "
+                                               f"and {shape.num_layers} layers: not a usable config.json")])
     quantized = _prequantized(config)
     notes = list(shape.notes)
     if quantized:

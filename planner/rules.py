@@ -131,3 +131,10 @@ def with_margin(fastest, fitting: list, usable: int):
     return pick, (f"a margin: the fastest geometry fills {fastest.needed_bytes / usable:.0%} of the usable memory "
                   f"(over {TIGHT_FRACTION:.0%}); this one needs {pick.needed_bytes / usable:.0%} and takes "
                   f"{pick.seconds / fastest.seconds:.2f}x its time (within {NEARLY_AS_FAST}x)")
+
+
+# --- activation offloading -------------------------------------------------------------------------------------------
+# Offloading the checkpointed layer inputs (runtime/offload.py) costs PCIe traffic every micro-step and pinned host
+# memory; torchtune enables it for long contexts. The planner takes it only when nothing fits without it, or when it
+# allows a micro-batch at least OFFLOAD_BATCH_GAIN times larger than any plan without it and the whole run is faster.
+OFFLOAD_BATCH_GAIN = 2

@@ -124,7 +124,7 @@ def precision_problems(spec: Spec, device: Device) -> list[Problem]:
 
 
 def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
-    notes: list[str] = []
+    notes: list[str] = list(model.notes)  # what resolving the model found (mirrors, variants, described shapes)
     t, m, d = spec.training, spec.method, spec.data
     dtype, dtype_note = compute_dtype(spec, device)
     if dtype_note:
@@ -149,6 +149,9 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
     unset = [k for k in ("rank", "alpha", "dropout") if getattr(m, k) is None]
     if unset:
         notes.append(f"method.{'/'.join(unset)} not set: each method's recipe — {_recipe_note(spec, model.shape.parameters)}")
+    if t.loss is None:
+        notes.append("training.loss not set: 'chunked' (the head and the loss run a chunk of tokens at a time: never "
+                     "tokens × vocabulary logits; 'full' is transformers' own loss)")
     setup = Setup(
         shape=model.shape,
         geometry=geometry,
@@ -156,7 +159,12 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
         optimizer=_pick(t.optimizer, "training.optimizer", notes),
         dtype=dtype,
         device_kind=device.kind,
+        loss=t.loss or "chunked",
+        offload=bool(t.activation_offloading) and device.kind == "cuda",
     )
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
     problems = check_against_model(spec, model, setup) + precision_problems(spec, device)
+    if t.activation_offloading and device.kind != "cuda":
+        problems.append(Problem("training.activation_offloading", "moves activations to host memory over PCIe: on "
+                                "the CPU they are host memory already, so it is off here", severity="warning"))
     return Resolved(setup, tuple(notes), tuple(problems), precision)

@@ -71,6 +71,8 @@ class Setup:
     # FSDP2 mixed precision (planner.parallel): the trainable weights are cast to the compute dtype for
     # forward and backward, so adapters compute in 16-bit without peft's fp32 input cast
     adapters_in_compute_dtype: bool = False
+    loss: str = "chunked"  # chunked (runtime/loss.py: never tokens x vocabulary) | full (transformers' loss)
+    offload: bool = False  # activation offloading of the checkpointed layer inputs (runtime/offload.py, CUDA)
 
     @property
     def adapter_compute_bytes(self) -> int:

@@ -42,6 +42,9 @@ class MetricsFile(TrainerCallback):
         record = {"step": state.global_step, "epoch": state.epoch, **{k: v for k, v in logs.items()
                                                                        if isinstance(v, (int, float, str))}}
         record["tokens_per_second"] = self.tokens_per_step * steps / elapsed if elapsed > 0 else None
+        predicted = self.prediction.get("tokens_per_second")
+        if isinstance(predicted, (int, float)) and predicted > 0 and "loss" in logs:
+            record["predicted_tokens_per_second"] = predicted  # the plan's time model, real tokens per second
         record["memory_bytes"] = current_memory()
         record["time"] = time.time()
         self.write(record)
@@ -70,6 +73,19 @@ def local_parameter_fraction(model) -> float:
     return round(local / full, 4) if full else 1.0
 
 
+def predicted_at_row_length(prediction: dict, row: int | None) -> int | None:
+    """The plan's predicted peak for rows of `row` tokens: linear between its [row length, bytes] points."""
+    points = prediction.get("peak_by_row_length")
+    if not points or not row:
+        return None
+    if row <= points[0][0]:
+        return int(points[0][1])
+    for (a, pa), (b, pb) in zip(points, points[1:]):
+        if row <= b:
+            return int(pa + (pb - pa) * (row - a) / (b - a))
+    return int(points[-1][1])
+
+
 class PeakMemory(TrainerCallback):
     """Measures one steady-state optimizer step (the second: optimizer state exists) and records it.
 
@@ -89,6 +105,7 @@ class PeakMemory(TrainerCallback):
             return
         import torch
 
+        state.longest_batch_shape = None  # PlanTrainer.training_step keeps the longest micro-batch of this step
         self._local_fraction = local_parameter_fraction(model) if model is not None else None
 
         if torch.cuda.is_available():
@@ -122,16 +139,20 @@ class PeakMemory(TrainerCallback):
         else:
             return
         predicted = self.metrics.prediction.get("peak_allocated_bytes")
-        shape = getattr(state, "last_batch_shape", None)
+        shape = getattr(state, "longest_batch_shape", None) or getattr(state, "last_batch_shape", None)
+        at_shape = predicted_at_row_length(self.metrics.prediction, shape[1] if shape else None)
+        got = measured["measured_peak_allocated_bytes"]
         self.result = {"event": "peak_memory", "step": state.global_step, **measured,
                        "measured_batch_shape": shape,
                        "parameters_held_locally": self._local_fraction,
-                       "note": "the prediction is for full rows of seq_len tokens; padded batches shorter than "
-                               "that use less",
                        "predicted_peak_allocated_bytes": predicted,
+                       "predicted_for_measured_shape": at_shape,
                        "predicted_device_total_bytes": self.metrics.prediction.get("device_total_bytes"),
-                       "error": ((predicted - measured["measured_peak_allocated_bytes"]) /
-                                 measured["measured_peak_allocated_bytes"]) if predicted else None}
+                       "error": (at_shape - got) / got if at_shape else None,
+                       "error_vs_full_rows": (predicted - got) / got if predicted else None,
+                       "note": "error: the prediction for the measured batch shape (its longest row), interpolated "
+                               "between the plan's predictions by row length; error_vs_full_rows: against full rows "
+                               "of seq_len, the plan's worst case"}
         if _is_main(state):
             self.metrics.write(self.result)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .data_files import data_settings
 from .data_formats import DataError
+from .tracking import TrackingError, logging_settings
 
 METHODS = ("full", "lora", "qlora", "dora", "qdora")
 OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
@@ -35,6 +36,7 @@ class RunConfig:
     prediction: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     launch: dict = field(default_factory=dict)
+    logging: dict = field(default_factory=lambda: {"report_to": [], "run_name": None})  # tracking.logging_settings
 
     @property
     def dtype(self) -> str:
@@ -123,8 +125,10 @@ def load_config(path: str | Path) -> RunConfig:
         "save_steps": _need(t, "training", "save_steps", int, p, default=100),
         "logging_steps": _need(t, "training", "logging_steps", int, p, default=10),
         "precision": _need(t, "training", "precision", str, p, PRECISIONS),
+        "loss": _need(t, "training", "loss", str, p, ("chunked", "full"), "chunked"),
+        "activation_offloading": _need(t, "training", "activation_offloading", bool, p, default=False),
     }
-    for table in ("output", "prediction", "provenance", "launch"):
+    for table in ("output", "prediction", "provenance", "launch", "logging"):
         if not isinstance(raw.get(table, {}), dict):
             raise ConfigError(f"{p}: [{table}] must be a table")
     out = raw.get("output", {})
@@ -150,10 +154,21 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{p}: data.seq_len must be ≥ 2, got {data['seq_len']}")
     if not 0.0 <= data["eval_fraction"] < 1.0:
         raise ConfigError(f"{p}: data.eval_fraction must be in [0, 1), got {data['eval_fraction']}")
+    try:
+        logging = logging_settings(raw.get("logging", {}))
+    except TrackingError as exc:  # one line per problem, each naming the file
+        raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).split("\n"))) from None
     prediction = {k: v for k, v in raw.get("prediction", {}).items() if isinstance(v, (int, float, str))
                   and not isinstance(v, bool)}
+    rows = raw.get("prediction", {}).get("peak_by_row_length")
+    if rows is not None:  # [[tokens per row, bytes], ...]: the prediction at shorter rows than seq_len
+        if not (isinstance(rows, list) and all(isinstance(r, list) and len(r) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in r) for r in rows)):
+            raise ConfigError(f"{p}: prediction.peak_by_row_length must be a list of [tokens, bytes] pairs")
+        prediction["peak_by_row_length"] = sorted(rows)
     return RunConfig(path=p, model=model, method=method, data=data, training=training, output_dir=output_dir,
-                     prediction=prediction, provenance=dict(raw.get("provenance", {})), launch=launch)
+                     prediction=prediction, provenance=dict(raw.get("provenance", {})), launch=launch,
+                     logging=logging)
 
 
 def data_arguments(config: RunConfig, override: str | None = None) -> dict:

@@ -160,6 +160,14 @@ def apply_weight(items: list, weight: float, seed: int) -> list:
 # ---------------------------------------------------------------------------------------------------- reading
 
 
+def exists(path: str | Path) -> bool:
+    """Path.exists(), False for a path the file system cannot even look up (too long, a NUL byte)."""
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "." not in Path(name).suffix
@@ -169,9 +177,13 @@ def read_file(path: str | Path, *, txt_split: str = "blank_line") -> Iterator[Re
     """Each record of a local file in order, streamed, or a Bad for each unreadable one; DataError if the file
     as a whole cannot be read (missing, a folder, an unsupported type, UTF-16 or binary)."""
     p, name = Path(path), str(path)
-    if not p.exists():
+    try:
+        exists, is_file = p.exists(), p.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, a NUL byte
+        raise DataError(f"{name[:200]}: not a usable path ({getattr(e, 'strerror', None) or e})") from None
+    if not exists:
         raise DataError(f"{name}: file not found")
-    if not p.is_file():
+    if not is_file:
         raise DataError(f"{name}: not a file")
     suffix = p.suffix.lower()
     if suffix not in FILE_TYPES:

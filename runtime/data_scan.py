@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .data_files import (FileCheck, Source, as_sources, check_records, looks_like_hub_id, rebase, resolve_roles,
+from .data_files import (FileCheck, Source, as_sources, check_records, exists, looks_like_hub_id, rebase, resolve_roles,
                          weighted_count)
 from .data_formats import MAX_REPORTED, DataError, segments
 from .data_tokens import context, trained, try_tokenize
@@ -153,7 +153,7 @@ def _estimate(data: dict, fmt: str, messages: list | None, seq_len: int) -> tupl
 def _scan_file(source: Source, role: str, *, roles, tok, ctx, seq_len: int, txt_split: str,
                max_problems: int) -> FileSummary:
     summary = FileSummary(source.path, role, None if source.format == "auto" else source.format, source.weight)
-    if not Path(source.path).exists() and looks_like_hub_id(source.path):
+    if not exists(source.path) and looks_like_hub_id(source.path):
         summary.note = "a hub dataset name: not scanned (read when training, online)"
         return summary
     check = FileCheck(source.path, max_problems=max_problems)

@@ -58,14 +58,12 @@ def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None,
         from peft import PeftModel
 
         setup = MethodSetup(method=m["name"], dtype=config.dtype, gradient_checkpointing=False, rank=m["rank"],
-                            alpha=m["alpha"], dropout=0.0, target_modules=m["target_modules"])
-        from .model import quantization_config, torch_dtype
-        from transformers import AutoModelForCausalLM
+                            alpha=m["alpha"], dropout=0.0, target_modules=m["target_modules"],
+                            trust_remote_code=config.model["trust_remote_code"],
+                            attention=config.model["attention"])
+        from .model import load_base
 
-        kwargs = {"dtype": torch_dtype(config.dtype), "use_safetensors": True}
-        if quantization_config(setup) is not None:
-            kwargs["quantization_config"] = quantization_config(setup)
-        base = AutoModelForCausalLM.from_pretrained(resolve_path(config, config.model["name"]), **kwargs)
+        base = load_base(resolve_path(config, config.model["name"]), setup)
         model = PeftModel.from_pretrained(base, str(model_dir))
     model.eval()
     collate = DataCollator.from_tokenizer(tokenizer)

@@ -85,7 +85,7 @@ def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = Tru
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .model import MethodSetup, torch_dtype
+    from .model import MethodSetup, load_base, torch_dtype
 
     config = load_config(config_path)
     method = config.method["name"]
@@ -97,13 +97,18 @@ def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = Tru
     dtype_name = dtype_name or ("float16" if config.training["precision"] == "fp16" else "bfloat16")
     dtype = torch_dtype(dtype_name)
     if method in ("qlora", "qdora"):
-        setup = MethodSetup(method=method, dtype=config.dtype, gradient_checkpointing=False)
-        base = _load_4bit(model_path, setup)
+        setup = MethodSetup(method=method, dtype=config.dtype, gradient_checkpointing=False,
+                            trust_remote_code=config.model["trust_remote_code"],
+                            attention=config.model["attention"])
+        from .moe import dequantize_experts
+
+        base = load_base(model_path, setup)
         base = base.dequantize()  # NF4 → compute dtype: the weights the adapter was trained against
-        base = base.to(dtype)
+        base = dequantize_experts(base).to(dtype)  # fused MoE experts too (runtime/moe.py)
     else:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, use_safetensors=True,
-                                                    trust_remote_code=config.model["trust_remote_code"])
+                                                    trust_remote_code=config.model["trust_remote_code"],
+                                                    attn_implementation=config.model["attention"])
     try:
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -132,15 +137,6 @@ def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = Tru
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
-
-
-def _load_4bit(model_path: str, setup):
-    from transformers import AutoModelForCausalLM
-
-    from .model import quantization_config, torch_dtype
-
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(setup.dtype), use_safetensors=True,
-                                                quantization_config=quantization_config(setup))
 
 
 def main(argv=None, default_config: Path | None = None) -> int:

@@ -57,7 +57,16 @@ def quantization_config(setup: MethodSetup):
 
 def load_model(model_path: str, setup: MethodSetup, device_map: Any = None):
     """Load the base model for `setup` (safetensors only) and apply the method."""
+    return apply_method(load_base(model_path, setup, device_map), setup)
+
+
+def load_base(model_path: str, setup: MethodSetup, device_map: Any = None):
+    """The base model as `setup` holds it, without the adapter: 16-bit, or for qlora/qdora its decoder linears in
+    NF4 (bitsandbytes) and fused MoE experts in NF4 too (runtime/moe.py), each quantized as the loader assigns it so
+    the 16-bit experts never all sit on the device at once. Training, merge, evaluate and sample all load it here."""
     from transformers import AutoModelForCausalLM
+
+    from .moe import quantize_experts, quantizing_experts_on_load
 
     kwargs: dict[str, Any] = {
         "dtype": torch_dtype(setup.dtype),
@@ -70,8 +79,9 @@ def load_model(model_path: str, setup: MethodSetup, device_map: Any = None):
         kwargs["quantization_config"] = quant
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    return apply_method(model, setup)
+    with quantizing_experts_on_load(setup):
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    return quantize_experts(model, setup)
 
 
 def apply_method(model, setup: MethodSetup):
@@ -90,11 +100,14 @@ def apply_method(model, setup: MethodSetup):
         raise ValueError(f"unknown method {setup.method!r}")
     from peft import LoraConfig, get_peft_model
 
+    from .moe import adapter_targets
+
     config = LoraConfig(
         r=setup.rank,
         lora_alpha=setup.alpha,
         lora_dropout=setup.dropout,
-        target_modules=setup.target_modules,
+        # "all-linear" as linear-layer names: peft would otherwise target fused MoE experts' parameters
+        target_modules=adapter_targets(model, setup.target_modules),
         use_dora=setup.method in ("dora", "qdora"),
         bias="none",
         task_type="CAUSAL_LM",
@@ -104,3 +117,17 @@ def apply_method(model, setup: MethodSetup):
 
 def trainable_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def keep_adapter_inputs_16bit(model) -> int:
+    """peft casts each adapted module's input to the adapter's dtype (fp32) before lora_A; under the Trainer's
+    autocast lora_A casts it straight back to 16-bit, so every adapted module saves its own 16-bit copy of its
+    input (and DoRA builds its weight-norm buffers in fp32), and the backward makes fp32 copies of the gradients.
+    The round trip changes no value (16-bit → fp32 → 16-bit is exact), so training turns it off (peft's
+    `cast_input_dtype_enabled`, the switch behind `peft.helpers.disable_input_dtype_casting`): modules reading one
+    tensor share it, as in full fine-tuning. Only where every forward runs under autocast (training, tracing);
+    evaluate/merge/sample keep peft's default. Returns the number of layers switched."""
+    layers = [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    return len(layers)

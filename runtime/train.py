@@ -19,6 +19,7 @@ from .checkpoints import (CheckpointMismatch, check_matches_plan, checkpoint_is_
 from .config import ConfigError, RunConfig, data_arguments, load_config, resolve_path
 from .lock import Busy, hold_run_lock, interrupted_generation
 from .messages import say
+from .tracking import TrackingError, start_tracking
 
 EXIT_INPUT, EXIT_NAN = 2, 4
 
@@ -44,7 +45,7 @@ def parse_args(argv=None, default_config: Path | None = None):
     return ap.parse_args(argv)
 
 
-def build_trainer(config: RunConfig, data_override: str | None, max_steps: int | None):
+def build_trainer(config: RunConfig, data_override: str | None, max_steps: int | None, tracking=None):
     import torch
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
@@ -74,6 +75,17 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
     sharded = config.launch.get("parallelism") in ("fsdp", "deepspeed-zero3")
     device_map = {"": local_rank} if (cuda and m["name"] in ("qlora", "qdora") and not sharded) else None
     model = load_model(model_path, setup, device_map=device_map)
+    loss = None
+    if t["loss"] == "chunked":  # before accelerate / DDP / FSDP wrap the model (runtime/loss.py)
+        from .loss import install
+
+        loss = install(model)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(loss)
+    if t["precision"] in ("bf16", "fp16"):  # every training forward runs under autocast
+        from .model import keep_adapter_inputs_16bit
+
+        keep_adapter_inputs_16bit(model)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     from .data import token_stats
@@ -107,7 +119,7 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
         eval_steps=t["save_steps"] if data.eval else None,
         seed=t["seed"],
         data_seed=t["seed"],
-        report_to=[],
+        **(tracking.training_arguments() if tracking else {"report_to": []}),  # report_to, run_name
         remove_unused_columns=False,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -126,6 +138,17 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
                   data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
                   callbacks=callbacks)
     guard.trainer = trainer
+    if loss is not None and trainer.is_world_process_zero():
+        import dataclasses
+
+        metrics.write({"event": "loss", **dataclasses.asdict(loss)})
+    if t["activation_offloading"]:
+        if not t["gradient_checkpointing"]:
+            say("warning: training.activation_offloading without gradient checkpointing offloads every saved "
+                "activation; the plan assumed checkpointed layer inputs")
+        from .offload import OffloadActivations
+
+        trainer.offloader = OffloadActivations()
     return trainer, tokenizer, data, metrics
 
 
@@ -143,7 +166,20 @@ def _trainer_class():
             ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
             if ids is not None:  # the peak-memory record says which batch shape it measured
                 self.state.last_batch_shape = list(ids.shape)
+                longest = getattr(self.state, "longest_batch_shape", None)
+                if longest is None or ids.shape[1] > longest[1]:
+                    self.state.longest_batch_shape = list(ids.shape)
             return super().training_step(model, inputs, *args, **kwargs)
+
+        offloader = None  # runtime/offload.py: saved activations to host memory during the forward pass
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.offloader is None or not model.training:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            with self.offloader:  # the hooks act on what the forward saves; backward brings it back
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
 
         def _save_checkpoint(self, *args, **kwargs):
             if self.nan_step is not None:
@@ -190,6 +226,9 @@ def launch_problem(launch: dict, env) -> str | None:
 
 
 def main(argv=None, default_config: Path | None = None) -> int:
+    # before torch initializes CUDA: segments that grow in place fragment less when batch shapes change
+    # (PyTorch's CUDA memory notes); planner/assumptions.py's allocator reserve assumes it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv, default_config)
     try:
         config = load_config(args.config)
@@ -213,6 +252,15 @@ def main(argv=None, default_config: Path | None = None) -> int:
         except Busy as exc:
             say(f"error: {exc}")
             return EXIT_INPUT
+    try:  # before loading anything: a tracker that is not installed fails in seconds
+        tracking = start_tracking(config.logging, config.output_dir, project=config.path.parent.resolve().name)
+    except TrackingError as exc:  # one line per missing package, each with its pip command
+        for line in str(exc).split("\n"):
+            say(f"error: {config.path}: {line}")
+        return EXIT_INPUT
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in tracking.notes:
+            say(f"tracking: {note}", sys.stdout)
     resume = None
     if args.resume:  # before loading anything: a resume that cannot work fails in seconds
         resume = last_checkpoint(config.output_dir)
@@ -227,7 +275,7 @@ def main(argv=None, default_config: Path | None = None) -> int:
     from .data_formats import DataError
 
     try:
-        trainer, tokenizer, data, metrics = build_trainer(config, args.data, args.max_steps)
+        trainer, tokenizer, data, metrics = build_trainer(config, args.data, args.max_steps, tracking)
     except DataError as exc:
         say(f"error: {exc}")
         return EXIT_INPUT

@@ -1,4 +1,4 @@
-"""The user's spec: pydantic models of every key in CONTRACT.md.
+"""The user's spec: pydantic models of every key (docs/spec.md is generated from them).
 
 One source of truth per key: its type, its allowed values and one description, which feeds the
 JSON Schema (`peftplan schema`, `schemas/spec.schema.json`) and the messages of `peftplan validate`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, field_validator, PlainValidator, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 MethodName = Literal["full", "lora", "qlora", "dora", "qdora"]
@@ -74,7 +74,7 @@ class HardwareSpec(_Table):
     count: int = Field(default=1, ge=1, le=2**16, description="Devices per node.")
     nodes: int = Field(default=1, ge=1, le=2**16, description="Number of nodes (machines).")
     network_gbps: float | None = Field(default=None, gt=0, le=10**6, description="Bandwidth between nodes in GB/s per node (multi-node runs). Default: 12.5 (100 Gb/s Ethernet).")
-    tflops: float | None = Field(default=None, gt=0, le=10**6, description="Dense 16-bit peak TFLOPS of one device (fp32 for `cpu`), for the time estimate of a device that is not in the catalog, of the CPU, or to override the catalog's figure.")
+    tflops: float | None = Field(default=None, ge=0.001, le=10**6, description="Dense 16-bit peak TFLOPS of one device (fp32 for `cpu`), for the time estimate of a device that is not in the catalog, of the CPU, or to override the catalog's figure.")
     price_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="Your price in US dollars for one device-hour, overriding the catalog's typical price (needed for a cost estimate of a device not in the catalog).")
     price_usd_per_hour: float | None = Field(default=None, ge=0, le=10**6, description="The earlier name of price_per_hour (still accepted; set only one of them).")
 
@@ -82,7 +82,7 @@ class HardwareSpec(_Table):
 class MethodSpec(_Table):
     name: Literal["auto", "full", "lora", "qlora", "dora", "qdora"] = Field("auto", description="Fine-tuning method. `auto` lets the planner choose.")
     rank: int | None = Field(default=None, ge=1, le=2**16, description="LoRA rank r of the adapter matrices A (r x in) and B (out x r).")
-    alpha: float | None = Field(default=None, gt=0, le=10**6, description="LoRA alpha; the update is scaled by alpha / rank.")
+    alpha: float | None = Field(default=None, ge=1e-6, le=10**6, description="LoRA alpha; the update is scaled by alpha / rank.")
     dropout: float | None = Field(default=None, ge=0, lt=1, description="Dropout applied to the adapter's input (LoRA family only).")
     target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] | None = Field(None, description="Modules that get adapters: `all-linear` (every linear layer but the output head) or a list of module names such as [\"q_proj\", \"v_proj\"].")
 
@@ -93,7 +93,7 @@ class TrainingSpec(_Table):
     gradient_checkpointing: bool | None = Field(None, description="Recompute each decoder layer in the backward pass instead of storing its activations.")
     optimizer: Optimizer | None = Field(None, description="Optimizer: 32-bit AdamW (adamw_torch), 8-bit AdamW from bitsandbytes (adamw_8bit), their paged variants, or plain SGD.")
     attention: Attention | None = Field(None, description="Attention implementation: sdpa (PyTorch fused), eager (materializes the seq x seq matrix) or flash_attention_2.")
-    epochs: float | None = Field(default=None, gt=0, le=10**4, description="Passes over the training data.")
+    epochs: float | None = Field(default=None, ge=1e-6, le=10**4, description="Passes over the training data.")
     learning_rate: float | None = Field(default=None, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] | None = Field(None, description="Learning-rate schedule after warmup.")
     warmup_ratio: float | None = Field(default=None, ge=0, lt=1, description="Fraction of steps spent warming the learning rate up from zero.")
@@ -101,12 +101,29 @@ class TrainingSpec(_Table):
     parallelism: Parallelism = Field("auto", description="How several devices share the run: single (one device), ddp (each holds everything), fsdp (full shard), deepspeed-zero2 / deepspeed-zero3. `auto` lets the planner choose.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed, set before the adapter is created.")
     save_steps: int | None = Field(default=None, ge=1, le=10**12, description="Checkpoint every N optimizer steps.")
+    loss: Literal["chunked", "full"] | None = Field(None, description="How the loss is computed. `chunked` (the default): the output head and cross-entropy run a chunk of tokens at a time and never hold tokens × vocabulary logits (Liger's fused kernel on CUDA when installed, a PyTorch implementation elsewhere). `full`: transformers' own loss over the full fp32 logits.")
+    activation_offloading: bool | None = Field(None, description="Move the checkpointed layer inputs to host memory during the forward pass and back for the backward (CUDA, with gradient checkpointing). Default: the planner turns it on only when it makes a plan fit or allows a much larger micro-batch, and states its time cost.")
 
 
 class ObjectiveSpec(_Table):
     priority: Literal["balanced", "quality", "memory", "speed", "cost"] = Field("balanced", description="What the planner optimizes when several candidates fit.")
     max_hours: float | None = Field(default=None, gt=0, le=10**6, description="Reject plans whose estimated time exceeds this many hours.")
     budget_usd: float | None = Field(default=None, gt=0, le=10**12, description="Reject plans whose estimated cost exceeds this many US dollars.")
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
+
+class LoggingSpec(_Table):
+    report_to: list[Tracker] = Field(default_factory=list, max_length=3, description="Experiment trackers the run reports to through the transformers Trainer's integrations: tensorboard (event files in outputs/tensorboard; works offline), wandb (Weights & Biases; offline mode when HF_HUB_OFFLINE is set) and mlflow (a local store, outputs/mlflow.db, unless MLFLOW_TRACKING_URI is set). Empty (the default): outputs/metrics.jsonl only. wandb and mlflow are opt-in: pip install wandb / mlflow.")
+    run_name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$", description="The run's name in the trackers. Default: the project folder's name.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("lists a tracker twice")
+        return v
 
 
 class Spec(_Table):
@@ -118,6 +135,7 @@ class Spec(_Table):
     method: MethodSpec = Field(MethodSpec(), description="The fine-tuning method and its adapter settings.")
     training: TrainingSpec = Field(TrainingSpec(), description="Batch geometry, optimizer and schedule.")
     objective: ObjectiveSpec = Field(ObjectiveSpec(), description="What to optimize when several plans fit.")
+    logging: LoggingSpec = Field(LoggingSpec(), description="Experiment tracking: TensorBoard, Weights & Biases, MLflow.")
 
 
 def json_schema() -> dict:

@@ -232,7 +232,7 @@ def test_unknown_key_that_looks_like_a_pydantic_union_tag(fuzz_dir, key, where):
 
 
 def test_plan_json_lists_all_five_methods(fuzz_dir):
-    """CONTRACT.md: `plan --json` prints everything `estimate --json` prints, whose `methods` holds all five
+    """docs/json.md: `plan --json` prints everything `estimate --json` prints, whose `methods` holds all five
     methods; also when the spec fixes method.name."""
     for example in ("llama3-8b-lora-a100.toml", "llama-1b-on-cpu.toml"):
         path = ROOT / "examples" / example

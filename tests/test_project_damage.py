@@ -141,3 +141,13 @@ def test_merge_never_writes_over_the_base_model_or_a_users_folder(project, copy,
     one_clear_line(run("-m", "peftplan", "merge", copy, "-o", mine), "not an earlier merge")
     assert (mine / "notes.txt").read_text() == "mine"
     one_clear_line(run("-m", "peftplan", "merge", copy, "-o", copy), "project")
+
+
+def test_run_sh_without_the_training_stack_says_what_to_install(copy, tmp_path):
+    fake = tmp_path / "python-without-torch"
+    fake.write_text("#!/bin/sh\nexit 1\n")  # any import fails
+    fake.chmod(0o755)
+    proc = subprocess.run(["./run.sh"], cwd=copy, capture_output=True, text=True,
+                          env={**OFFLINE_ENV, "PYTHON": str(fake)}, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install -r requirements.txt" in proc.stderr and "Traceback" not in proc.stderr

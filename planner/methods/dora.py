@@ -3,9 +3,10 @@ every forward pass over the merged weight W + s·B·A (peft's DoraLinearLayer)."
 
 from __future__ import annotations
 
+from .. import assumptions as A
 from ..terms import Setup, Term
 from .base import Tensors
-from .lora import LoRA
+from .lora import LoRA, layer_share
 
 
 class DoRA(LoRA):
@@ -16,7 +17,7 @@ class DoRA(LoRA):
     def trainable_tensors(self, s: Setup) -> list[Tensors]:
         out = super().trainable_tensors(s)
         for lin in s.targeted():
-            out.append(Tensors(f"{lin.name}.magnitude", lin.out_features, s.shape.num_layers, 4))
+            out.append(Tensors(f"{lin.name}.magnitude", lin.out_features, round(s.shape.num_layers * layer_share(lin)), 4))
         return out
 
     def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:
@@ -36,21 +37,26 @@ class DoRA(LoRA):
         return [self.norm_transient(s)]
 
     def norm_transient(self, s: Setup) -> Term:
-        # get_lora_weight: an identity (in x in) in the adapter dtype and its 16-bit copy through lora_A;
-        # then the lora weight, the copy of W, s·BA and W + s·BA (4 x in x out), all in the adapter dtype
-        # (fp32; the compute dtype under FSDP2 mixed precision).
+        # get_lora_weight: an identity (in x in) in lora_A's dtype (a: fp32; the compute dtype under FSDP2 mixed
+        # precision) and its 16-bit copy through lora_A. Then peft casts the lora weight and W to the input's dtype
+        # and builds s·BA and W + s·BA. The runtime keeps adapter inputs 16-bit (assumptions.LORA_INPUTS_UNCAST).
         e, a = s.compute_bytes, s.adapter_compute_bytes
+        # 16-bit inputs: the lora weight, s·BA and W + s·BA in the compute dtype, and the fp32 copy autocast makes
+        # for the norm (linalg.norm runs in fp32): (3e + 4)·in·out; fp32 inputs: four fp32 buffers
+        per = 3 * e + 4 if A.LORA_INPUTS_UNCAST and e != 4 else 4 * a
+        if s.adapters_in_compute_dtype:  # FSDP2 mixed precision: the two-rank calibration fits no fp32 norm copy
+            per = 3 * e
 
         def peak(lin):
             n_in, n_out = lin.in_features, lin.out_features
-            return max((a + e) * n_in * n_in, e * n_in * n_in + 4 * a * n_in * n_out)
+            return max((a + e) * n_in * n_in, e * n_in * n_in + per * n_in * n_out)
 
         lin = max(s.targeted(), key=peak, default=None)
         if lin is None:
             return Term("transient", "DoRA weight norm", 0, "no adapted modules")
         return Term("transient", f"DoRA weight-norm buffers ({lin.name}, largest)", peak(lin),
-                    "max((a+e)·in², e·in² + 4a·in·out)", {"module": lin.name, "in": lin.in_features,
-                                                          "out": lin.out_features, "e": e, "a": a})
+                    "max((a+e)·in², e·in² + c·in·out)", {"module": lin.name, "in": lin.in_features,
+                                                         "out": lin.out_features, "e": e, "a": a, "c": per})
 
 
 METHOD = DoRA()

@@ -7,6 +7,7 @@ from collections import defaultdict
 from .. import assumptions as A
 from ..terms import Setup
 from .base import Method, Tensors
+from .lora import attention_output_is_the_input, layer_share
 
 
 class Full(Method):
@@ -29,13 +30,16 @@ class Full(Method):
         if sh.lm_head_bias:
             out.append(Tensors("lm_head bias", sh.vocab_size, 1, b))
         for lin in sh.linears:
-            out.append(Tensors(lin.name, lin.in_features * lin.out_features, L * lin.experts, b))
+            layers = round(L * layer_share(lin))  # Llama 4 Maverick: MoE on every other layer
+            out.append(Tensors(lin.name, lin.in_features * lin.out_features, layers * lin.experts, b))
             if lin.bias:
-                out.append(Tensors(f"{lin.name} bias", lin.out_features, L * lin.experts, b))
+                out.append(Tensors(f"{lin.name} bias", lin.out_features, layers * lin.experts, b))
         per_norm = 2 if sh.norm == "layernorm" else 1
         out.append(Tensors("norms", h, per_norm * (sh.norms_per_layer * L + 1), b))
         if sh.router_params_per_layer:
             out.append(Tensors("MoE router", sh.router_params_per_layer, L, b))
+        if sh.extra_layer_params:  # q/k norms and other per-layer weights besides linears and norms
+            out.append(Tensors("other per-layer weights (q/k norms, …)", sh.extra_layer_params, L, b))
         return out
 
     def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
@@ -44,6 +48,8 @@ class Full(Method):
         e = s.compute_bytes
         by_input: dict[str, int] = defaultdict(int)
         for lin in s.shape.linears:
+            if lin.input == "attn_out" and attention_output_is_the_input(s):
+                continue  # o_proj reads the attention's own saved output (see lora.attention_output_is_the_input)
             by_input[lin.input] = max(by_input[lin.input], int(tokens * lin.active * lin.experts) * lin.in_features)
         total = e * sum(by_input.values())
         return total, {"distinct_inputs(elements)": dict(by_input), "bytes": e}
@@ -51,7 +57,8 @@ class Full(Method):
     def not_yet_graded_bytes(self, s: Setup) -> int:
         sh, b = s.shape, self.weight_bytes(s)
         per_norm = 2 if sh.norm == "layernorm" else 1
-        layer = sh.linear_params_per_layer + sh.router_params_per_layer + per_norm * sh.hidden_size * sh.norms_per_layer
+        layer = (sh.linear_params_per_layer + sh.router_params_per_layer + per_norm * sh.hidden_size * sh.norms_per_layer
+                 + sh.extra_layer_params)
         embeddings = 0 if sh.tie_embeddings else sh.vocab_size * sh.hidden_size  # tied: lm_head graded it first
         return b * (layer + embeddings + sh.learned_positions * sh.hidden_size)
 

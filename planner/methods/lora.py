@@ -7,6 +7,18 @@ from ..terms import Setup
 from .base import Method, Tensors
 
 
+def layer_share(lin) -> float:
+    """The share of decoder layers that have this module (Llama 4 Maverick's MoE on every other layer); 1.0 else."""
+    return float(getattr(lin, "layer_share", 1.0))
+
+
+def attention_output_is_the_input(s: Setup) -> bool:
+    """sdpa and flash-attention return their output laid out as (batch, seq, heads, dim), so the o_proj input
+    (`.transpose(1, 2).contiguous()` of it) is the very tensor they save for backward: counted with the attention
+    (planner/activations.py). Eager attention's matmul output is copied by `.contiguous()`."""
+    return s.geometry.attention != "eager"
+
+
 class LoRA(Method):
     name = "lora"
     summary = "frozen 16-bit base, low-rank adapters A·B on the targeted linear modules"
@@ -16,24 +28,23 @@ class LoRA(Method):
         r, L = s.adapter.rank, s.shape.num_layers
         out = []
         for lin in s.targeted():
-            out.append(Tensors(f"{lin.name}.lora_A", r * lin.in_features, L, A.ADAPTER_BYTES))
-            out.append(Tensors(f"{lin.name}.lora_B", lin.out_features * r, L, A.ADAPTER_BYTES))
+            layers = round(L * layer_share(lin))
+            out.append(Tensors(f"{lin.name}.lora_A", r * lin.in_features, layers, A.ADAPTER_BYTES))
+            out.append(Tensors(f"{lin.name}.lora_B", lin.out_features * r, layers, A.ADAPTER_BYTES))
         return out
 
     def mask_bytes(self, s: Setup) -> int:
         fixed = A.DROPOUT_MASK_BYTES.get(s.device_kind)
-        return fixed if fixed is not None else s.adapter_compute_bytes  # CPU: the mask has the input's dtype
+        return fixed if fixed is not None else s.compute_bytes  # CPU: the mask has the input's dtype
 
     def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:
-        """What one adapted module saves, beyond a shared input (see projection_saved_bytes)."""
+        """What one adapted module saves, beyond a shared input (see projection_saved_bytes). The runtime keeps the
+        module's input in the compute dtype (assumptions.LORA_INPUTS_UNCAST)."""
         e, r, n_in = s.compute_bytes, s.adapter.rank, lin.in_features
         t = int(tokens * lin.active)
         saved = e * t * r  # lora_A output, saved by lora_B
-        if s.compute_bytes != s.adapter_compute_bytes:
-            saved += e * t * n_in  # autocast's 16-bit copy of the (fp32-cast) input, saved by lora_A
-        elif s.adapter.dropout > 0:
-            saved += s.adapter_compute_bytes * t * n_in  # no cast: the dropout output itself
         if s.adapter.dropout > 0:
+            saved += e * t * n_in  # the dropout output, which lora_A saves
             saved += self.mask_bytes(s) * t * n_in
         return saved
 
@@ -41,12 +52,14 @@ class LoRA(Method):
         targeted = s.targeted()
         total = sum(self.module_saved_bytes(s, lin, tokens) for lin in targeted)
         shared = {}
-        if s.compute_bytes == s.adapter_compute_bytes and s.adapter.dropout == 0:
-            # adapters computing in the input's dtype (fp32 runs; FSDP2 mixed precision) without dropout:
-            # peft's cast is a no-op, modules reading one tensor share it
+        if s.adapter.dropout == 0:
+            # without dropout lora_A saves its input itself, in the compute dtype: modules reading one tensor
+            # (q/k/v, gate/up) share it, and the frozen base linears save nothing
             for lin in targeted:
-                shared[lin.input] = max(shared.get(lin.input, 0), tokens * lin.in_features)
-            total += s.adapter_compute_bytes * sum(shared.values())
+                if lin.input == "attn_out" and attention_output_is_the_input(s):
+                    continue
+                shared[lin.input] = max(shared.get(lin.input, 0), int(tokens * lin.active) * lin.in_features)
+            total += s.compute_bytes * sum(shared.values())
         return total, {"modules": [lin.name for lin in targeted], "rank": s.adapter.rank,
                        "dropout": s.adapter.dropout, "bytes": s.compute_bytes}
 

@@ -27,18 +27,23 @@ PARAMS = 2 * V * H + L * LINEAR_PARAMS + H * (2 * L + 1)
 LORA_PARAMS = L * sum(R * (i + o) for i, o in MODULES.values())
 
 
-def setup(gc=False, dropout=0.0, device="cuda", optimizer="adamw_torch", attention="sdpa", padded=False, ga=1):
+def setup(gc=False, dropout=0.0, device="cuda", optimizer="adamw_torch", attention="sdpa", padded=False, ga=1,
+          loss="full", offload=False):
+    """The terms below are written for transformers' own loss (`loss = "full"`); the chunked loss and offloading
+    have their own tests at the end."""
     return Setup(shape_from_config(CFG), Geometry(B, S, gc, ga, attention, padded),
                  AdapterSettings(rank=R, alpha=16, dropout=dropout), optimizer=optimizer,
-                 dtype="bfloat16", device_kind=device)
+                 dtype="bfloat16", device_kind=device, loss=loss, offload=offload)
 
 
 def comp(method, **kw):
     return estimate(method, setup(**kw)).components()
 
 
-# per-layer activations for LoRA (bf16, no dropout), op by op
-LORA_INPUT_COPIES = 2 * T * sum(i for i, _ in MODULES.values())  # autocast copy per adapted module
+# per-layer activations for LoRA (bf16, no dropout), op by op. The runtime keeps adapter inputs 16-bit, so each
+# lora_A saves the tensor its module reads, once per distinct tensor: the normed input (q/k/v), the normed input
+# (gate/up), act(gate)·up (down); o_proj reads sdpa's own saved output, counted with the attention
+LORA_INPUT_COPIES = 2 * T * (H + H + I)
 LORA_A_OUT = 7 * 2 * T * R
 ATTN = 2 * T * A_ * D + 2 * 2 * T * KV * D + 2 * T * A_ * D + 4 * B * A_ * S  # q, k, v, out, lse
 MLP = 3 * 2 * T * I  # silu input, silu output, up output
@@ -62,7 +67,7 @@ def test_lora_static_terms():
 
 def test_lora_activations_and_logits():
     c = comp("lora")
-    assert LAYER_LORA == 3_086_336
+    assert LAYER_LORA == 2_562_048
     assert c["activations"] == L * LAYER_LORA - NORM + OUTSIDE  # layer 0's first norm input needs no grad
     assert c["logits"] == LOGITS
     assert c["gradients"] == 0  # no accumulation: gradients are None during the forward pass
@@ -78,17 +83,18 @@ def test_peak_is_sum_of_components_and_total_adds_overhead():
 
 def test_lora_dropout_adds_masks_except_layer0_attention_inputs():
     base, drop = comp("lora"), comp("lora", dropout=0.1)
-    # CUDA: one bool byte per element of each adapted module's input; layer 0's q/k/v read
-    # (norm of) the frozen embeddings, so their dropout keeps no mask
+    # with dropout each module's lora_A saves its own dropped input (bf16) instead of the shared tensor, plus the
+    # mask (CUDA: one bool byte per element); layer 0's q/k/v read (norm of) the frozen embeddings: no mask there
     all_inputs = L * T * sum(i for i, _ in MODULES.values())
     layer0_qkv = 3 * T * H
-    assert drop["activations"] - base["activations"] == all_inputs - layer0_qkv
+    assert drop["activations"] - base["activations"] == 3 * all_inputs - L * LORA_INPUT_COPIES - layer0_qkv
 
 
-def test_lora_dropout_on_cpu_masks_are_fp32():
+def test_lora_dropout_on_cpu_masks_have_the_inputs_dtype():
     base, drop = comp("lora", device="cpu"), comp("lora", device="cpu", dropout=0.1)
     all_inputs = L * T * sum(i for i, _ in MODULES.values())
-    assert drop["activations"] - base["activations"] == 4 * (all_inputs - 3 * T * H)
+    # the CPU's dropout mask has the input's dtype: bf16, 2 bytes
+    assert drop["activations"] - base["activations"] == 4 * all_inputs - L * LORA_INPUT_COPIES - 2 * 3 * T * H
 
 
 def test_qlora_nf4_storage_by_hand():
@@ -124,14 +130,17 @@ def test_dora_magnitude_activations_and_norm_transient():
     per_layer_extra = 2 * 2 * T * outs + 12 * outs
     assert lora["activations"] - dora["activations"] == L * per_layer_extra
     transients = [t for t in est.terms if t.component == "transient"]
-    # down_proj: in 688 → out 256: 2·in² (identity through lora_A, bf16) + 16·in·out (fp32 buffers)
-    assert max(t.bytes for t in transients) == 2 * I * I + 16 * I * H
+    # the largest per module: max(identity in fp32 + its bf16 copy: 6·in², 2·in² + (3·2 + 4)·in·out: the lora weight,
+    # s·BA, W + s·BA in bf16 and the norm's fp32 copy); down_proj's identity (in = 688) wins
+    per_module = [max(6 * i * i, 2 * i * i + 10 * i * o) for i, o in MODULES.values()]
+    assert max(t.bytes for t in transients) == max(per_module) == 6 * I * I
 
 
 def test_dora_dropout_saves_a_copy_of_every_adapted_weight():
     a, b = comp("dora", dropout=0.1), comp("dora")
-    masks = L * T * sum(i for i, _ in MODULES.values()) - 3 * T * H
-    assert a["activations"] - b["activations"] == masks + 2 * L * LINEAR_PARAMS
+    all_inputs = L * T * sum(i for i, _ in MODULES.values())
+    dropped = 3 * all_inputs - L * LORA_INPUT_COPIES - 3 * T * H  # as for LoRA (above)
+    assert a["activations"] - b["activations"] == dropped + 2 * L * LINEAR_PARAMS
 
 
 def test_full_finetuning_terms():
@@ -139,8 +148,9 @@ def test_full_finetuning_terms():
     assert c["weights"] == 2 * PARAMS
     assert c["optimizer"] == 2 * 2 * PARAMS  # AdamW states in bf16
     assert c["adapter"] == 0
-    # linear inputs saved once per distinct tensor: attn_in, attn_out, mlp_in (h wide), mlp_mid (i)
-    linear_inputs = 2 * T * (H + A_ * D + H + I)
+    # linear inputs saved once per distinct tensor: attn_in, mlp_in (h wide), mlp_mid (i); o_proj reads the sdpa
+    # output, which the attention saves anyway
+    linear_inputs = 2 * T * (H + H + I)
     norms = 2 * (NORM + 2 * T * H)  # + bf16 normed output for the norm weight's gradient
     layer = linear_inputs + ATTN + MLP + norms
     outside = 24 * T + 2 * 2 * T * D + NORM + 2 * T * H + 2 * T * H + 8 * T  # + lm_head input, ids
@@ -158,10 +168,11 @@ def test_gradient_checkpointing_peak_is_recompute_of_one_layer():
     est = estimate("lora", setup(gc=True))
     assert est.phase == "recompute"
     ckpt = L * 2 * T * H
-    working = 8 * T * I
+    kept = 24 * T + 2 * 2 * T * D  # ids and labels, cos/sin: every layer's recomputation reads them
+    working = 4 * T * I  # 4 bytes per element of the widest MLP gradient (assumptions.BACKWARD_WORKING_BYTES)
     static = 2 * PARAMS + 12 * LORA_PARAMS  # weights, adapter (4 B), AdamW (8 B)
     grads = 4 * LORA_PARAMS * (L - 1) // L  # while layer 0 is recomputed, layers 1..3 have gradients
-    assert est.peak_allocated_bytes == static + ckpt + LAYER_LORA + working + grads
+    assert est.peak_allocated_bytes == static + ckpt + kept + LAYER_LORA + working + grads
 
 
 def test_gradient_accumulation_holds_gradients_during_forward():
@@ -173,7 +184,8 @@ def test_gradient_accumulation_holds_gradients_during_forward():
 def test_padding_mask_materializes_kv_heads_and_adds_mask():
     a, b = comp("lora", padded=True), comp("lora", padded=False)
     kv_growth = L * 2 * 2 * T * (A_ - KV) * D
-    mask = B * S * S + 8 * T  # bool 4D mask once + attention_mask int64
+    # bool 4D mask once + attention_mask int64, and per layer the additive bf16 mask sdpa saves
+    mask = B * S * S + 8 * T + L * 2 * B * S * S
     assert a["activations"] - b["activations"] == kv_growth + mask
 
 
@@ -181,7 +193,7 @@ def test_eager_attention_keeps_seq_squared_probabilities():
     a, b = comp("lora", attention="eager"), comp("lora", attention="sdpa")
     per_layer = (2 * T * (A_ - KV) * D * 2  # k, v repeated to all heads
                  + (4 + 2) * B * A_ * S * S  # fp32 softmax + bf16 copy
-                 - 2 * T * A_ * D - 4 * B * A_ * S)  # no separate output/lse
+                 - 4 * B * A_ * S)  # no lse; the output sdpa saved is o_proj's input copy here (counted for eager)
     assert a["activations"] - b["activations"] == L * per_layer
 
 
@@ -200,3 +212,43 @@ def test_optimizer_state_bytes(optimizer, expected):
 def test_cpu_has_no_cuda_context():
     est = estimate("lora", setup(device="cpu"))
     assert est.components()["overhead"] == int(0.10 * est.peak_allocated_bytes)
+
+
+# --- the chunked loss (runtime/loss.py) and activation offloading (runtime/offload.py) -------------------------------
+def test_chunked_loss_holds_one_chunk_not_tokens_times_vocabulary():
+    """LoRA, bf16 (p = q = 2): the chunk is min(the budget's 4096 tokens, T = 256); at the loss's forward peak the
+    final hidden states, the labelled rows and their gradient, one chunk's logits in bf16 and fp32, and the chunk's
+    inputs and row indices."""
+    c = estimate("lora", setup(loss="chunked")).components()
+    chunk = min(4096, T)
+    expected = T * H * 2 + 2 * T * H * 2 + chunk * V * (4 + 2) + chunk * H * (2 + 2) + 24 * T
+    assert c["logits"] == expected == 2_197_504
+    assert c["logits"] < LOGITS  # 3,072,000 for the full fp32 logits
+
+
+def test_chunked_loss_with_a_trainable_head_keeps_its_fp32_gradient():
+    """Full fine-tuning (pure bf16): as for LoRA, plus the head's fp32 gradient accumulator 4·V·H; at the start of
+    backward the stored gradient plus the accumulator and its bf16 cast (4 + 2)·V·H, smaller here than the forward's
+    chunk of logits. (The chunked loss saves no head input: the layers' terms do not count one.)"""
+    est = estimate("full", setup(loss="chunked"))
+    forward = T * H * 2 + 2 * T * H * 2 + min(4096, T) * V * 6 + min(4096, T) * H * 4 + 24 * T + 4 * V * H
+    backward = T * H * 2 + max(2 * T * H * 2, 4 * V * H + V * H * 2)
+    assert (forward, backward) == (3_221_504, 1_667_072)
+    assert est.components()["logits"] == max(forward, backward)
+
+
+def test_chunk_size_follows_the_budget():
+    from peftplan.planner.loss import chunk_tokens
+
+    assert chunk_tokens(128_256, 2) == 256  # 256 MiB / (128,256 × 6 B) = 348 → 256
+    assert chunk_tokens(32_000, 2) == 1024  # 1398 → 1024
+    assert chunk_tokens(1000, 4) == 4096  # clamped
+    assert chunk_tokens(10_000_000, 2) == 16  # clamped from below
+
+
+def test_offloading_keeps_three_layer_inputs_on_the_device():
+    """With gradient checkpointing the checkpointed inputs are L × 2·T·H; offloaded, at most 3 of them stay."""
+    plain = estimate("lora", setup(gc=True, loss="chunked"))
+    off = estimate("lora", setup(gc=True, loss="chunked", offload=True))
+    one = 2 * T * H
+    assert plain.components()["activations"] - off.components()["activations"] == (L - 3) * one

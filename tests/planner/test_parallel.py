@@ -60,9 +60,10 @@ def test_fsdp_lora_shards_and_gathers_what_accelerate_gathers():
     P, L, T, h = shape_from_config(CFG).parameters, 4, 2 * 128, 256
     assert abs(c["weights"] - 2 * P / 4) <= 1
     assert abs(c["optimizer"] - one["optimizer"] / 4) <= 1 and abs(c["adapter"] - one["adapter"] / 4) <= 1
-    # adapters compute in bf16 under FSDP's mixed precision: q/k/v and gate/up share their input instead
-    # of each saving a 16-bit copy of its fp32-cast input: 3 copies of b·s·h fewer per layer
-    assert one["activations"] - c["activations"] == L * 2 * T * 3 * h
+    # adapters compute in bf16 under FSDP's mixed precision; on one device the runtime keeps adapter inputs 16-bit
+    # as well (assumptions.LORA_INPUTS_UNCAST), so q/k/v and gate/up share their input either way
+    assert one["activations"] == c["activations"]
+    del T, h
     # lm_head + final norm (untied: the embeddings are their own unit, freed after forward) at the loss;
     # two bf16 layers (current + prefetched) inside backward
     assert labelled(four.phase_terms["loss"], "FSDP tail unit") == [(1000 * 256 + 256) * 2]

@@ -13,7 +13,7 @@ from peftplan.schemas import json_schema, load_spec
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_FILE = ROOT / "schemas" / "spec.schema.json"
 EXAMPLES = ROOT / "examples"
-TABLES = ("model", "data", "hardware", "method", "training", "objective")
+TABLES = ("model", "data", "hardware", "method", "training", "objective", "logging")
 
 
 def committed_schema() -> dict:
