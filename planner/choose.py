@@ -113,9 +113,14 @@ def _adapter_variants(spec: Spec, report: EstimateReport, method: str, hyper: di
         return [base]
     chosen = AdapterSettings(rank=int(hyper["rank"].value), alpha=float(hyper["alpha"].value),
                              dropout=float(hyper["dropout"].value), target_modules=base.target_modules)
+    variants = [chosen]
     if METHODS[method].dora and chosen.dropout > 0 and not hyper["dropout"].user_set:
-        return [chosen, replace(chosen, dropout=0.0)]
-    return [chosen]
+        variants.append(replace(chosen, dropout=0.0))
+    if not hyper["rank"].user_set and chosen.rank > rules.FALLBACK_RANK:  # tried only where the recipe's rank does not fit
+        low = rules.FALLBACK_RANK
+        alpha = chosen.alpha if hyper["alpha"].user_set else chosen.alpha * low / chosen.rank  # the same α/r
+        variants += [replace(v, rank=low, alpha=alpha) for v in variants]
+    return variants
 
 
 def _parallelisms(spec: Spec, report: EstimateReport) -> list[str]:
@@ -297,6 +302,9 @@ def _bests(cands: dict[str, list[Candidate]], hypers: dict[str, dict[str, Choice
     """Each method's best candidate with its chosen adapter settings, and DoRA's best without dropout."""
     best, without = {}, {}
     for m, cs in cands.items():
+        if METHODS[m].adapter and "rank" in hypers[m]:  # the recipe's rank where anything fits with it
+            recipe = [c for c in cs if c.setup.adapter.rank == int(hypers[m]["rank"].value)]
+            cs = recipe if any(c.fits for c in recipe) else cs
         if not METHODS[m].dora or "dropout" not in hypers[m]:
             best[m] = _best(cs, priority, usable)
             continue
@@ -308,6 +316,19 @@ def _bests(cands: dict[str, list[Candidate]], hypers: dict[str, dict[str, Choice
             if not best[m].fits and without[m].fits:  # the dropout's weight copies do not fit: without it
                 best[m] = without[m]
     return best, without
+
+
+def _rank_choice(hyper: dict[str, Choice], c: Candidate) -> dict[str, Choice]:
+    """The hyperparameters with the rank (and α) the chosen candidate really uses: the fallback rank when the
+    recipe's does not fit (rules.FALLBACK_RANK)."""
+    if "rank" not in hyper or int(hyper["rank"].value) == c.setup.adapter.rank:
+        return hyper
+    why = (f"{c.setup.adapter.rank}: the recipe's r={hyper['rank'].value} does not fit on this device; a lower rank "
+           "needs less adapter, gradient and optimizer memory (LoRA's quality is close across ranks: Hu et al. 2021 §7.2)")
+    out = {**hyper, "rank": Choice(c.setup.adapter.rank, why)}
+    if not hyper["alpha"].user_set:
+        out["alpha"] = Choice(c.setup.adapter.alpha, f"the recipe's α/r at r={c.setup.adapter.rank}")
+    return out
 
 
 def _dropout_choice(hyper: dict[str, Choice], c: Candidate, why: str) -> dict[str, Choice]:
@@ -345,7 +366,7 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     all_cands = {m: _candidates(spec, report, m, hypers[m], measured) for m in methods}
     best, without_dropout = _bests(all_cands, hypers, spec.objective.priority, report.usable_bytes)
     for m, c in best.items():
-        hypers[m] = _dropout_choice(hypers[m], c, "0: with the DoRA authors' 0.05 it does not fit")
+        hypers[m] = _rank_choice(_dropout_choice(hypers[m], c, "0: with the DoRA authors' 0.05 it does not fit"), c)
     allowed = [spec.method.name] if spec.method.name != "auto" else methods
     prequantized = report.model.prequantized == "bnb-4bit"
     if prequantized:  # its 16-bit weights are not in the checkpoint: only a 4-bit base trains from it as it is

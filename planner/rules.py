@@ -138,3 +138,12 @@ def with_margin(fastest, fitting: list, usable: int):
 # memory; torchtune enables it for long contexts. The planner takes it only when nothing fits without it, or when it
 # allows a micro-batch at least OFFLOAD_BATCH_GAIN times larger than any plan without it and the whole run is faster.
 OFFLOAD_BATCH_GAIN = 2
+
+
+# --- the adapter's rank when the recipe's does not fit ---------------------------------------------------------------
+# The recipes' r = 64 (QLoRA, for large models) costs adapter weights, gradients and optimizer state in proportion:
+# ~5.8 GiB more than r = 16 for a 70B model (828 M vs 207 M parameters; fp32 weights and gradients, 8-bit Adam).
+# Where nothing fits with the recipe's rank, the planner tries r = 16 (the common LoRA default; the QLoRA paper's own
+# ablation found rank mattered little once every layer is adapted), with the recipe's α/r kept, and says so; a rank
+# the user set is never changed.
+FALLBACK_RANK = 16

@@ -140,12 +140,36 @@ def test_forced_method_that_does_not_fit_exits_3_naming_the_key(tmp_path):
 
 
 def test_nothing_fits_suggests_a_shorter_sequence():
-    # Llama 3.1 8B QLoRA on a 12 GB card at 32k tokens: the logits alone are 12 B × 32k × 128k = 47 GiB
+    # Llama 3.1 8B QLoRA on a 12 GB card at 32k tokens: ~5 GiB of NF4 base and adapters, then one 32k-token
+    # layer's working set (the 14336-wide MLP alone is 0.9 GiB per bf16 tensor) on top of the checkpoints
     r = None
     with pytest.raises(NothingFits) as exc:
         plan_spec(base(hardware={"gpu": "RTX-3060-12GB"}, data={"seq_len": 32768}))
     r = exc.value.plan
     assert any(s.startswith("data.seq_len = ") for s in r.suggestions), r.suggestions
+
+
+def test_rank_falls_back_to_16_only_where_the_recipes_rank_does_not_fit():
+    # 70B QLoRA on a 48 GB card: the recipe's r = 64 on all seven projections of 80 layers is
+    # 80 · 64 · (2·8192+8192+1024 + 8192+1024 + 8192+8192 + 3·(8192+28672)) = 828 M adapter parameters; at r = 16,
+    # 207 M. With fp32 weights and gradients and 8-bit Adam (4+4+2 bytes) that is 5.8 GiB less, which is what a 70B
+    # NF4 base (~36 GiB) leaves room for on a 45.6 GiB usable card.
+    assert 80 * 64 * (2 * 8192 + 8192 + 1024 + 8192 + 1024 + 8192 + 8192 + 3 * (8192 + 28672)) == 828_375_040
+    spec = base(model={"name": "meta-llama/Llama-3.1-70B"}, hardware={"gpu": "RTX-A6000"},
+                data={"num_examples": 2000, "seq_len": 2048})
+    r = plan_spec(spec)
+    assert r.chosen.method == "qlora" and r.chosen.fits
+    assert r.chosen.setup.adapter.rank == 16
+    assert r.hyperparameters["rank"].value == 16 and "r=64" in r.hyperparameters["rank"].why
+    assert r.chosen.setup.adapter.alpha == 16 * 16 / 64  # the recipe's α/r = 16/64 kept
+    # where the recipe's rank fits, it stays
+    roomy = plan_spec(base(model={"name": "meta-llama/Llama-3.1-70B"}, hardware={"gpu": "H100-80GB"},
+                           data={"num_examples": 2000, "seq_len": 2048}))
+    assert roomy.best["qlora"].fits and roomy.best["qlora"].setup.adapter.rank == 64
+    # a rank the user set is never lowered: nothing fits
+    with pytest.raises(NothingFits):
+        plan_spec(base(model={"name": "meta-llama/Llama-3.1-70B"}, hardware={"gpu": "RTX-A6000"},
+                       data={"num_examples": 2000, "seq_len": 2048}, method={"name": "qlora", "rank": 64}))
 
 
 def test_objective_limits_reject_slow_plans():
