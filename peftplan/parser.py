@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from . import __version__
+from .runtime.cli_args import positive
 
 EXIT_CODES = (
     (0, "success"),
@@ -23,16 +24,6 @@ EXIT_CODES = (
         "is good"),
     (130, "interrupted (Ctrl-C)"),
 )
-
-
-def positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def _command(sub, name: str, summary: str, description: str, examples: list[str]):

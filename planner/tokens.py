@@ -76,13 +76,7 @@ class Lengths:
     @classmethod
     def from_counts(cls, counts: Iterable[int], seq_len: int) -> "Lengths":
         """The empirical distribution of measured per-example token counts (each cut at seq_len)."""
-        hist = Counter(min(int(c), seq_len) for c in counts if int(c) > 0)
-        n = sum(hist.values())
-        if n == 0:
-            raise ValueError("no example has a positive token count")
-        values = tuple(sorted(hist))
-        return cls(tuple(float(v) for v in values), tuple(hist[v] / n for v in values), seq_len,
-                   f"measured lengths of {n:,} examples")
+        return cls.from_histogram(Counter(int(c) for c in counts), seq_len)
 
     @classmethod
     def from_mean(cls, mean: float, seq_len: int, sigma: float = SIGMA) -> "Lengths":

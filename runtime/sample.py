@@ -34,6 +34,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config, resolve_path
 from .messages import printable, say
+from .cli_args import positive
 
 # peft asks the model `is_gradient_checkpointing`, which transformers 5.2x deprecates with a FutureWarning on every
 # adapter load; harmless here (nothing trains)
@@ -291,16 +292,6 @@ def sample(config_path: Path, *, model_dir: Path | None = None, prompts_file: st
     return {"out": str(out), "rows": rows, "note": note, "model": str(tuned)}
 
 
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
 def _temperature(text: str) -> float:
     try:
         t = float(text)
@@ -321,9 +312,9 @@ def main(argv=None, default_config: Path | None = None) -> int:
                     help="prompts: .jsonl/.json/.csv/.parquet records with prompt, messages, conversations, "
                          "instruction or text; or .txt, one per line (or per blank-line-separated block). "
                          "Default: the held-out split")
-    ap.add_argument("--n", type=_count, default=None,
+    ap.add_argument("--n", type=positive, default=None,
                     help=f"how many prompts (default: all of --prompts FILE; {DEFAULT_N} from the data)")
-    ap.add_argument("--max-new-tokens", type=_count, default=128, help="tokens generated per prompt (default 128)")
+    ap.add_argument("--max-new-tokens", type=positive, default=128, help="tokens generated per prompt (default 128)")
     ap.add_argument("--temperature", type=_temperature, default=0.0,
                     help="0 (default): greedy, the same output every run; > 0: sampling at that temperature")
     ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the plan's training.seed)")

@@ -20,25 +20,16 @@ from .config import ConfigError, RunConfig, data_arguments, load_config, resolve
 from .lock import Busy, hold_run_lock, interrupted_generation
 from .messages import say
 from .tracking import TrackingError, start_tracking
+from .cli_args import positive
 
 EXIT_INPUT, EXIT_NAN = 2, 4
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
 
 
 def parse_args(argv=None, default_config: Path | None = None):
     ap = argparse.ArgumentParser(description="Train the planned fine-tuning run.")
     ap.add_argument("--config", default=str(default_config) if default_config else "plan.toml",
                     help="the frozen plan file (default: plan.toml next to this script)")
-    ap.add_argument("--max-steps", type=_positive, default=None, help="stop after N optimizer steps (a smoke test)")
+    ap.add_argument("--max-steps", type=positive, default=None, help="stop after N optimizer steps (a smoke test)")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     ap.add_argument("--data", default=None, help="override data.path (e.g. on the rented machine)")
     ap.add_argument("--output-dir", default=None, help="override output.dir")
