@@ -30,3 +30,26 @@ def cpu_spec(*, model: str = "model", num_examples: int, method: str = "lora", r
         "method": {"name": method, "rank": rank, "alpha": alpha, "dropout": 0.0},
         "training": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "epochs": 1, **training},
     })
+
+
+class RunLockHolder:
+    """Another process holding a project's run lock (runtime/lock.py), for as long as the `with` block lasts."""
+
+    def __init__(self, project):
+        self.project = project
+
+    def __enter__(self):
+        import subprocess
+        import sys
+
+        out = self.project / "outputs"
+        script = (f"import sys, time; sys.path.insert(0, {str(self.project)!r}); from pathlib import Path; "
+                  "from peftplan_runtime.lock import hold_run_lock; "
+                  f"hold_run_lock(Path({str(out)!r})); print('held', flush=True); time.sleep(60)")
+        self.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "held"
+        return self.proc
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()

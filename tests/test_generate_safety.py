@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import OFFLINE_ENV, cpu_spec
+from support import OFFLINE_ENV, RunLockHolder, cpu_spec
 
 from peftplan.cli import main
 from peftplan.planner import writer
@@ -280,17 +280,9 @@ def test_generate_refuses_while_a_run_holds_the_project(ws, capsys):
 
     out = ws / "proj"
     assert run_cli(capsys, "generate", ws / "spec.toml", "-o", out)[0] == 0
-    script = (f"import sys, time; sys.path.insert(0, {str(out)!r}); from pathlib import Path; "
-              "from peftplan_runtime.lock import hold_run_lock; "
-              f"hold_run_lock(Path({str(out / 'outputs')!r})); print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with RunLockHolder(out):
         rc, _, err = run_cli(capsys, "generate", ws / "spec-b.toml", "-o", out, "--force")
         assert rc == 2 and "training run is in progress" in err, err
         with pytest.raises(Exception, match="another run"):
             hold_run_lock(out / "outputs")  # a second run is refused too
-    finally:
-        holder.kill()
-        holder.wait()
     hold_run_lock(out / "outputs")  # the lock died with its process: nothing stale is left

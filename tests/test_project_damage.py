@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import OFFLINE_ENV, cpu_spec
+from support import OFFLINE_ENV, RunLockHolder, cpu_spec
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
@@ -90,16 +90,8 @@ def test_max_steps_must_be_positive(copy):
 
 
 def test_run_is_refused_while_another_run_holds_the_project(copy):
-    script = (f"import sys, time; sys.path.insert(0, {str(copy)!r}); from pathlib import Path; "
-              "from peftplan_runtime.lock import hold_run_lock; "
-              f"hold_run_lock(Path({str(copy / 'outputs')!r})); print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with RunLockHolder(copy) as holder:
         one_clear_line(run("train.py", cwd=copy), "another run", str(holder.pid))
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def _adapter(d: Path, config: str, weights: bytes | None) -> Path:
