@@ -281,7 +281,7 @@ def main(argv=None, default_config: Path | None = None) -> int:
         metrics.write({"event": "start", "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
                        "fsdp": bool(trainer.is_fsdp_enabled), "parallelism": config.launch.get("parallelism", "single"),
                        "train_examples": len(data.train), "eval_examples": len(data.eval), "format": data.format,
-                       "packed": data.packed})
+                       "packed": data.packed, "dropped": data.dropped, "sources": data.sources})
     if resume is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming from {resume}")
     finished = resume is not None and checkpoint_is_final(resume)
