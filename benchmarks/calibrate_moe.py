@@ -8,11 +8,8 @@ Setup mapping (calibrate.setup_of: alpha = 2r, no accumulation); the shapes come
 the adapters target the attention projections by name, which is what "all-linear" means for these models
 (runtime/moe.py adapter_targets; peft would otherwise turn "all-linear" into target_parameters on experts).
 
-`predicted_peak` is the estimator as it is. `predicted_peak_wired` previews two hooks planner/methods/nf4.py
-offers and planner.activations / planner.memory do not consult yet (applied here by patching, for this column
-only): `backward_working_width` (NF4 experts run one expert at a time: the backward gradients of one MoE layer are
-T·k/E rows wide, not T·k) and `transients_add_to_working` (with NF4 experts DoRA's norm buffers are freed before
-the recompute peak, an expert's 4-bit matmul).
+`predicted_peak` is the estimator as it is, with the NF4-experts hooks (one expert's backward width, DoRA's norm
+buffers freed before the recompute peak) that planner/methods/nf4.py gives planner.memory.
 """
 
 from __future__ import annotations
@@ -23,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,48 +64,9 @@ def setup_of(run: MoERun, device_kind: str):
 def predict(run: MoERun) -> dict:
     from peftplan.planner import estimate
 
-    s = setup_of(run, "cpu")
-    est = estimate(run.method, s)
-    with wired() as wired_estimate:
-        wired_est = wired_estimate(run.method, s)
+    est = estimate(run.method, setup_of(run, "cpu"))
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_phase": est.phase,
-            "predicted_peak_wired": wired_est.peak_allocated_bytes, "predicted_phase_wired": wired_est.phase,
             **{f"pred_{k}": v for k, v in est.components().items()}}
-
-
-@contextmanager
-def wired():
-    """planner.memory consulting the method's `backward_working_width` and `transients_add_to_working` hooks."""
-    import peftplan.planner.memory as mem
-    from peftplan.planner.terms import Term
-
-    saved = mem.backward_working_term, mem._inner, mem.estimate
-    current = {}
-
-    def working(s, method):
-        term = saved[0](s, method)
-        width = getattr(method, "backward_working_width", lambda _s: None)(s)
-        if width is None:
-            return term
-        c = method.backward_working_coefficient(s.shape.gated_mlp)
-        return Term(term.component, term.label, c * s.geometry.tokens * width, f"{c}·T·width (one expert at a time)",
-                    {**term.inputs, "width": width})
-
-    def inner(m, working_term, transient):
-        adds = getattr(m, "transients_add_to_working", None)
-        if m.dora and adds is not None and not adds(current["s"]):
-            return [max([working_term, *transient], key=lambda t: t.bytes)]
-        return saved[1](m, working_term, transient)
-
-    def estimate(method, s):
-        current["s"] = s
-        return saved[2](method, s)
-
-    mem.backward_working_term, mem._inner, mem.estimate = working, inner, estimate
-    try:
-        yield estimate
-    finally:
-        mem.backward_working_term, mem._inner, mem.estimate = saved
 
 
 def measure(run: MoERun, root: Path, steps: int = 3) -> dict:
@@ -123,12 +80,16 @@ def measure(run: MoERun, root: Path, steps: int = 3) -> dict:
     setup = MethodSetup(method=run.method, dtype=run.dtype, attention=run.attention, gradient_checkpointing=run.gc,
                         rank=run.rank, alpha=2 * run.rank, dropout=run.dropout, target_modules=list(ATTENTION))
     model = load_model(str(path), setup)
-    loss_kind = getattr(setup_of(run, "cpu"), "loss", "full")
-    if loss_kind == "chunked":  # what runtime/train.py does before training (runtime/loss.py)
+    # as runtime/train.py prepares the model: the chunked loss, and adapter inputs kept 16-bit under autocast
+    if run.loss == "chunked":
         from peftplan.runtime.loss import install
 
         result = install(model)
         assert result.enabled, result  # the estimate assumes the chunked loss
+    if run.dtype != "float32":
+        from peftplan.runtime.model import keep_adapter_inputs_16bit
+
+        keep_adapter_inputs_16bit(model)
     model.train()
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (run.batch, run.seq), generator=torch.Generator().manual_seed(0))
@@ -148,7 +109,7 @@ def measure(run: MoERun, root: Path, steps: int = 3) -> dict:
             opt.zero_grad(set_to_none=True)
             del loss
         peak, baseline = mode.peak, mode.baseline
-    return {"measured_peak": int(peak), "measured_static": int(baseline), "device": "cpu", "loss": loss_kind}
+    return {"measured_peak": int(peak), "measured_static": int(baseline), "device": "cpu", "loss": run.loss}
 
 
 def matrix(name: str) -> list[MoERun]:
@@ -165,7 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration-cpu-moe.csv")
     ap.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "peftplan-calibration-moe"))
+    ap.add_argument("--repredict", action="store_true",
+                    help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
+    if args.repredict:
+        rows = calibrate.repredict(Path(args.out), lambda row: predict(calibrate.run_of(row, MoERun)))
+        errors = sorted(abs(r["error"]) for r in rows)
+        print(f"{args.out}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
+              f"worst {errors[-1]:.2%}")
+        return 0
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
     runs = [r for r in matrix(args.matrix)
@@ -181,11 +150,10 @@ def main(argv=None) -> int:
         row.update(predict(run))
         row.update(measure(run, root))
         row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]
-        row["error_wired"] = (row["predicted_peak_wired"] - row["measured_peak"]) / row["measured_peak"]
         row.update(ver)
         rows.append(row)
         print(f"[{n}/{len(runs)}] {run.key():52s} measured {row['measured_peak'] / 2**20:7.2f} MiB  predicted "
-              f"{row['predicted_peak'] / 2**20:7.2f} MiB  error {row['error']:+6.1%} (wired {row['error_wired']:+6.1%})  "
+              f"{row['predicted_peak'] / 2**20:7.2f} MiB  error {row['error']:+6.1%}  "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
         calibrate.write_rows(out, rows)
     return 0

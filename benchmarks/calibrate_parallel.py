@@ -31,7 +31,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate import MEDIUM, METHODS, Run, build_model_dir, setup_of, versions, write_rows  # noqa: E402
+from calibrate import MEDIUM, METHODS, Run, build_model_dir, repredict, setup_of, versions, write_rows  # noqa: E402
 from docsection import replace_section  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +47,12 @@ def predict(run: Run, parallelism: str) -> dict:
     est = shard(single, s, parallelism, PROCESSES, run.method in ("qlora", "qdora"))
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_single": single.peak_allocated_bytes,
             **{f"pred_{k}": v for k, v in est.components().items()}}
+
+
+def run_of(row: dict) -> Run:
+    """The Run a table row was measured with (its config column holds the whole model config)."""
+    return Run(row["family"], row["method"], batch=int(row["batch"]), seq=int(row["seq"]), gc=row["gc"] == "True",
+               rank=int(row["rank"]), scale=json.loads(row["config"]))
 
 
 def accelerate_config(parallelism: str) -> str:
@@ -180,7 +186,15 @@ def main(argv=None) -> int:
     ap.add_argument("--summary", action="store_true", help="print the markdown summary of --out and exit")
     ap.add_argument("--update-doc", action="store_true", help="write that summary into docs/accuracy.md §4 and exit")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out, run the rest")
+    ap.add_argument("--repredict", action="store_true",
+                    help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
+    if args.repredict:
+        rows = repredict(args.out, lambda row: predict(run_of(row), row["parallelism"]))
+        errors = sorted(abs(r["error"]) for r in rows)
+        print(f"{args.out}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
+              f"worst {errors[-1]:.2%}")
+        return 0
     if args.summary or args.update_doc:
         text = summary(list(csv.DictReader(args.out.open())))
         if args.update_doc:

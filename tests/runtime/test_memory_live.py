@@ -50,7 +50,6 @@ def test_committed_calibration_table_within_bounds():
     model at long sequences with both losses) re-predicted by the current estimator: each within ±10%, median
     |error| ≤ 1.5%."""
     import csv
-    import json
     import statistics
 
     rows = []
@@ -62,10 +61,7 @@ def test_committed_calibration_table_within_bounds():
     assert {r["loss"] for r in rows} == {"chunked", "full"}
     errors = []
     for r in rows:
-        run = calibrate.Run(r["family"], r["method"], batch=int(r["batch"]), seq=int(r["seq"]),
-                            gc=r["gradient_checkpointing"] == "True", dropout=float(r["lora_dropout"]),
-                            attention=r["attention"], padded=r["padded"] == "True", optimizer=r["optimizer"],
-                            rank=int(r["rank"]), dtype=r["dtype"], scale=json.loads(r["config"]), loss=r["loss"])
+        run = calibrate.run_of(r)
         measured = int(r["measured_peak"])
         err = (calibrate.predict(run)["predicted_peak"] - measured) / measured  # the current estimator
         assert abs(err) <= 0.10, f"{r['run']}: {err:+.1%}"
@@ -87,3 +83,26 @@ def test_chunked_loss_holds_a_fraction_of_the_full_loss_at_a_128k_vocabulary():
             chunked, full = by[(method, "2", "2048", gc, "chunked")], by[(method, "2", "2048", gc, "full")]
             assert full - chunked >= 12 * 4096 * 128_256 * 0.95, (method, gc, chunked, full)
             assert chunked < full / 10, (method, gc, chunked, full)
+
+
+@pytest.mark.slow
+def test_committed_moe_calibration_table_within_bounds():
+    """The committed mixture-of-experts rows (tiny Mixtral, Qwen3-MoE and OLMoE; QLoRA/QDoRA with NF4 experts, LoRA
+    and full; benchmarks/calibrate_moe.py) re-predicted by the current estimator: each within ±10%, median ≤ 2%."""
+    import csv
+    import statistics
+
+    spec_moe = importlib.util.spec_from_file_location("calibrate_moe", ROOT / "benchmarks" / "calibrate_moe.py")
+    calibrate_moe = importlib.util.module_from_spec(spec_moe)
+    spec_moe.loader.exec_module(calibrate_moe)
+    rows = list(csv.DictReader((ROOT / "benchmarks" / "results" / "calibration-cpu-moe.csv").open()))
+    assert {r["family"] for r in rows} == {"mixtral", "qwen3_moe", "olmoe"}
+    assert {r["method"] for r in rows} == {"full", "lora", "qlora", "qdora"}
+    errors = []
+    for r in rows:
+        measured = int(r["measured_peak"])
+        run = calibrate.run_of(r, calibrate_moe.MoERun)
+        err = (calibrate_moe.predict(run)["predicted_peak"] - measured) / measured
+        assert abs(err) <= 0.10, f"{r['run']}: {err:+.1%}"
+        errors.append(abs(err))
+    assert statistics.median(errors) <= 0.02

@@ -9,7 +9,6 @@ units it gathers when, what it upcasts) that moves memory is caught.
 
 import csv
 import importlib.util
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,16 +22,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 spec = importlib.util.spec_from_file_location("calibrate_parallel", ROOT / "benchmarks" / "calibrate_parallel.py")
 calibrate_parallel = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(calibrate_parallel)
-from calibrate import Run  # noqa: E402  (benchmarks/calibrate.py, on the path above)
 
 
 def rows():
     return list(csv.DictReader((ROOT / "benchmarks" / "results" / "calibration-cpu-parallel.csv").open()))
 
 
-def run_of(r) -> Run:
-    return Run(r["family"], r["method"], batch=int(r["batch"]), seq=int(r["seq"]), gc=r["gc"] == "True",
-               rank=int(r["rank"]), scale=json.loads(r["config"]))
+run_of = calibrate_parallel.run_of
 
 
 def test_committed_parallel_table_within_bounds():
