@@ -45,7 +45,7 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
     terms.append(Term(comp, f"{setup.optimizer} state", opt, formula, {"N": n_train}))
     terms.append(Term("activations", "traced forward + backward peak (activations, logits, gradients)",
                       traced["step_peak_bytes"], "measured on fake tensors", {"seconds": round(traced["seconds"], 2)}))
-    if setup.geometry.gradient_accumulation_steps > 1:
+    if setup.geometry.gradient_accumulation_steps > 1:  # traced with them in its baseline (grads_held): once here
         terms.append(Term("gradients", "gradients held across accumulation", train_bytes, "N × bytes", {"N": n_train}))
     if quantized and traced["linear_weight_numels"]:
         biggest = max(traced["linear_weight_numels"])
@@ -83,7 +83,8 @@ def trace_estimates(report, trace, *, progress=None, automatic: bool = False):
                        gradient_checkpointing=s.geometry.gradient_checkpointing, rank=s.adapter.rank,
                        alpha=s.adapter.alpha, dropout=s.adapter.dropout,
                        target_modules=list(targets) if isinstance(targets, tuple) else targets,
-                       batch=s.geometry.micro_batch_size, seq=s.geometry.seq_len, loss=s.loss)
+                       batch=s.geometry.micro_batch_size, seq=s.geometry.seq_len, loss=s.loss,
+                       grads_held=s.geometry.gradient_accumulation_steps > 1)
         est = exact_estimate(method, s, traced)
         out[method] = est
         closed = estimate(method, s).peak_allocated_bytes

@@ -60,8 +60,13 @@ def meta_model(config: dict, *, dtype: str = "bfloat16", attention: str = "sdpa"
 
 def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str = "sdpa",
           gradient_checkpointing: bool = True, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
-          target_modules="all-linear", batch: int = 1, seq: int = 2048, loss: str = "chunked") -> dict:
+          target_modules="all-linear", batch: int = 1, seq: int = 2048, loss: str = "chunked",
+          grads_held: bool = False) -> dict:
     """Peak bytes of one training step (forward + backward) of `config` under `method`.
+
+    `grads_held`: the gradients already exist when the step starts (gradient accumulation's later micro-batches):
+    they are made before the trace and belong to its baseline, so backward adds into them as it does in training
+    (the caller counts them once, as a static term); otherwise backward creates them and the peak includes them.
 
     `loss`: "chunked" runs the runtime's chunked head + cross-entropy (runtime.loss, torch backend: the CPU's)
     as training does by default; "full" is transformers' own loss (tokens x vocabulary logits)."""
@@ -119,7 +124,12 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
     compute = torch_dtype(dtype)
     with _no_data_dependent_masks(), fake:
         ids = torch.randint(0, int(hf_config.get_text_config().vocab_size), (batch, seq))
-        tracker = LiveTensorBytes([p.data for p in params] + list(model.buffers()))
+        if grads_held:
+            for p in params:
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        held = [p.grad for p in params if p.grad is not None]
+        tracker = LiveTensorBytes([p.data for p in params] + list(model.buffers()) + held)
         with tracker:
             with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
                 out = model(input_ids=ids, labels=ids)

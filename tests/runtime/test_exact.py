@@ -47,6 +47,27 @@ def test_exact_agrees_with_closed_form_on_catalog_models(model_id, method, atten
 
 
 @pytest.mark.slow
+def test_accumulation_counts_the_held_gradients_once():
+    """With gradient accumulation every gradient exists before the step starts; a trace that ends with all of them
+    alive (full fine-tuning) already holds them at its peak. So the traced peak with accumulation exceeds the one
+    without by less than the gradients' bytes (only what the forward pass keeps while they are held), not by all of
+    them again, and agrees with the closed form, which holds them through the forward pass."""
+    config = dict(catalog.find_model("Qwen/Qwen2.5-0.5B").config)
+    shape = shape_from_config(config)
+    peaks, closed = {}, {}
+    for ga in (1, 4):
+        s = Setup(shape, Geometry(1, 256, True, ga, "sdpa", False), AdapterSettings(rank=16, alpha=32, dropout=0.0),
+                  "adamw_torch", "bfloat16", "cuda")
+        t = trace(config, method="full", dtype="bfloat16", gradient_checkpointing=True, batch=1, seq=256,
+                  grads_held=ga > 1)
+        peaks[ga] = exact_estimate("full", s, t).peak_allocated_bytes
+        closed[ga] = estimate("full", s).peak_allocated_bytes
+    grads = 2 * shape.parameters  # bf16 gradients of every parameter
+    assert 0 <= peaks[4] - peaks[1] < 0.5 * grads, (peaks, grads)
+    assert abs(closed[4] - peaks[4]) / peaks[4] < 0.05, (closed, peaks)
+
+
+@pytest.mark.slow
 def test_exact_equals_a_real_measured_step():
     """The tiny Llama of the calibration table: the trace must reproduce the measured step."""
     import importlib.util
@@ -61,7 +82,7 @@ def test_exact_equals_a_real_measured_step():
     cal = sys.modules["calibrate"]
     if not hasattr(cal, "Run"):
         spec.loader.exec_module(cal)
-    run = cal.Run("llama", "lora")
+    run = cal.Run("llama", "lora", loss="full")  # traced below with the same loss
     measured = cal.measure(run, Path(__import__("tempfile").mkdtemp()))["measured_peak"]
     s = Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, "sdpa", False),
               AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=0.0), "adamw_torch", "bfloat16", "cpu")
@@ -138,6 +159,6 @@ def test_an_unknown_architecture_is_described_then_traced(tmp_path, monkeypatch)
     if not hasattr(cal, "Run"):
         spec.loader.exec_module(cal)
     monkeypatch.setitem(cal.FAMILIES, "gpt_neox-test", NEOX)
-    measured = cal.measure(cal.Run("gpt_neox-test", "lora", batch=2, seq=128, rank=8), tmp_path / "m")["measured_peak"]
+    measured = cal.measure(cal.Run("gpt_neox-test", "lora", batch=2, seq=128, rank=8, loss="full"), tmp_path / "m")["measured_peak"]
     exact = traced.estimates["lora"].peak_allocated_bytes
     assert abs(exact - measured) / measured < 0.02, (exact, measured)
