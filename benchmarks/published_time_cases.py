@@ -38,7 +38,6 @@ HF_STACKS = {"hf-peft", "trl"}
 
 # Same architecture (identical shapes for FLOPs) under another hub id.
 SAME_ARCHITECTURE = {
-    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistralai/Mixtral-8x7B-v0.1",
     "NousResearch/Llama-2-70b-hf": "meta-llama/Llama-2-70b-hf",
     "meta-llama/Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B",
     "meta-llama/Llama-3.1-70B-Instruct": "meta-llama/Llama-3.1-70B",
