@@ -109,9 +109,10 @@ def run_of(row: dict, cls=None) -> "Run":
                         loss=row.get("loss") or "full")
 
 
-def repredict(path: Path, predict_row) -> list[dict]:
-    """The table at `path` with every prediction column replaced by the current estimator's; the measurements are
-    kept. The estimator changes far more often than the runtime's memory does, and measuring takes hours."""
+def repredict(path: Path, predict_row) -> str:
+    """Replace every prediction column of the table at `path` with the current estimator's, keeping the
+    measurements; returns a one-line summary. The estimator changes far more often than the runtime's memory does,
+    and measuring takes hours."""
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     for row in rows:
@@ -120,7 +121,8 @@ def repredict(path: Path, predict_row) -> list[dict]:
         row.update(predict_row(row))
         row["error"] = (row["predicted_peak"] - int(row["measured_peak"])) / int(row["measured_peak"])
     write_rows(path, rows)
-    return rows
+    errors = sorted(abs(r["error"]) for r in rows)
+    return f"{path}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, worst {errors[-1]:.2%}"
 
 
 def build_model_dir(cfg: dict, root: Path) -> Path:
@@ -318,10 +320,7 @@ def main(argv=None) -> int:
                     help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
     if args.repredict:
-        rows = repredict(Path(args.out), lambda row: predict(run_of(row)))
-        errors = sorted(abs(r["error"]) for r in rows)
-        print(f"{args.out}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
-              f"worst {errors[-1]:.2%}")
+        print(repredict(Path(args.out), lambda row: predict(run_of(row))))
         return 0
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)

@@ -130,10 +130,7 @@ def main(argv=None) -> int:
                     help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
     if args.repredict:
-        rows = calibrate.repredict(Path(args.out), lambda row: predict(calibrate.run_of(row, MoERun)))
-        errors = sorted(abs(r["error"]) for r in rows)
-        print(f"{args.out}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
-              f"worst {errors[-1]:.2%}")
+        print(calibrate.repredict(Path(args.out), lambda row: predict(calibrate.run_of(row, MoERun))))
         return 0
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)

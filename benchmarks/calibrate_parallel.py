@@ -190,10 +190,7 @@ def main(argv=None) -> int:
                     help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
     if args.repredict:
-        rows = repredict(args.out, lambda row: predict(run_of(row), row["parallelism"]))
-        errors = sorted(abs(r["error"]) for r in rows)
-        print(f"{args.out}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
-              f"worst {errors[-1]:.2%}")
+        print(repredict(args.out, lambda row: predict(run_of(row), row["parallelism"])))
         return 0
     if args.summary or args.update_doc:
         text = summary(list(csv.DictReader(args.out.open())))

@@ -2,7 +2,7 @@
 
     python benchmarks/plot_calibration.py
 
-Reads benchmarks/results/calibration-cpu.csv and writes docs/calibration.png (predicted versus measured
+Reads benchmarks/results/calibration-cpu{,-medium,-loss,-moe}.csv and writes docs/calibration.png (predicted versus measured
 peak, one point per run, colored by method, marker by family, y = x and a shaded ±10% band) and
 docs/calibration-summary.md (median and worst |error| per method and per family, and the error
 distribution). With --update-doc the summary also replaces the text between the
@@ -21,13 +21,16 @@ from docsection import replace_section  # benchmarks/ is on sys.path when a scri
 ROOT = Path(__file__).resolve().parents[1]
 CSV = ROOT / "benchmarks" / "results" / "calibration-cpu.csv"
 CSV_MEDIUM = ROOT / "benchmarks" / "results" / "calibration-cpu-medium.csv"
+CSV_LOSS = ROOT / "benchmarks" / "results" / "calibration-cpu-loss.csv"
+CSV_MOE = ROOT / "benchmarks" / "results" / "calibration-cpu-moe.csv"
 PNG = ROOT / "docs" / "calibration.png"
 SUMMARY = ROOT / "docs" / "calibration-summary.md"
 DOC = ROOT / "docs" / "accuracy.md"
 BEGIN, END = "<!-- calibration:begin -->", "<!-- calibration:end -->"
 
 METHOD_ORDER = ("full", "lora", "qlora", "dora", "qdora")
-FAMILY_ORDER = ("llama", "qwen2", "gemma2", "phi3", "gpt2", "phi")
+FAMILY_ORDER = ("llama", "qwen2", "gemma2", "phi3", "gpt2", "phi", "qwen3", "gemma3_text", "olmo2", "mistral",
+                "granite", "smollm3", "phi4mini", "mixtral", "qwen3_moe", "olmoe")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 BINS = ((0.00, 0.01, "< 1%"), (0.01, 0.02, "1–2%"), (0.02, 0.04, "2–4%"), (0.04, 0.06, "4–6%"),
         (0.06, 0.10, "6–10%"), (0.10, float("inf"), "> 10%"))
@@ -168,12 +171,12 @@ def update_doc(text: str, doc: Path) -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--csv", type=Path, action="append",
-                    help="calibration tables (default: the small and the medium CPU tables)")
+                    help="calibration tables (default: the small, medium, 128k-vocabulary and MoE CPU tables)")
     ap.add_argument("--png", type=Path, default=PNG)
     ap.add_argument("--summary", type=Path, default=SUMMARY)
     ap.add_argument("--update-doc", action="store_true", help=f"replace the marked section of {DOC.name}")
     args = ap.parse_args(argv)
-    paths = args.csv or [p for p in (CSV, CSV_MEDIUM) if p.exists()]
+    paths = args.csv or [p for p in (CSV, CSV_MEDIUM, CSV_LOSS, CSV_MOE) if p.exists()]
     rows = [r for p in paths for r in load(p)]
     if not rows:
         print(f"no rows with measured and predicted peaks in {', '.join(map(str, paths))}", file=sys.stderr)
