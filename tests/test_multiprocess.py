@@ -115,7 +115,8 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     gen = subprocess.run([sys.executable, "-m", "peftplan", "generate", str(root / f"{par}.toml"), "-o", str(proj)],
                          capture_output=True, text=True, env=ENV)
     assert gen.returncode == 0, gen.stderr
-    job = subprocess.Popen([sys.executable, "-m", "peftplan", "run", str(proj)], env=ENV, start_new_session=True,
+    job = subprocess.Popen([sys.executable, "-m", "peftplan", "run", str(proj)],
+                           env={**ENV, "MAIN_PROCESS_PORT": free_port()}, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (proj / "outputs" / "checkpoint-4" / "trainer_state.json").exists():
@@ -124,7 +125,7 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     job.wait()
     assert not (proj / "outputs" / "final").exists()
     run = subprocess.run([sys.executable, "-m", "peftplan", "run", str(proj), "--resume"], capture_output=True,
-                         text=True, env=ENV, timeout=600)
+                         text=True, env={**ENV, "MAIN_PROCESS_PORT": free_port()}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("resuming from") == 1  # printed by the main process only
     one = {r["step"]: r["loss"] for r in metrics(runs[par]) if "loss" in r and "event" not in r}
@@ -200,7 +201,8 @@ def test_fsdp_plan_under_plain_torchrun_refuses_to_run_unsharded(runs):
     whole model. The runtime says so and exits 2 before loading anything."""
     proj = runs["fsdp"]
     torchrun = Path(sys.executable).parent / "torchrun"
-    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "train.py", "--max-steps", "1"], cwd=proj,
+    run = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), "train.py",
+                          "--max-steps", "1"], cwd=proj,
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert run.returncode != 0
     assert "this plan shards with FSDP, but the launcher did not turn FSDP on" in run.stderr
