@@ -25,7 +25,8 @@ from . import catalog
 from .catalog import Device
 from .memory import MemoryEstimate
 
-PCIE_X16_GBPS = {3: 16.0, 4: 32.0, 5: 64.0}  # GB/s per direction
+# GB/s per direction of an x16 link (PCI-SIG: each generation doubles the rate; Gen6 is 64 GT/s per lane, 128 GB/s)
+PCIE_X16_GBPS = {3: 16.0, 4: 32.0, 5: 64.0, 6: 128.0}
 DEFAULT_PCIE_GEN = 4  # devices not in the catalog
 LINK_EFFICIENCY = (1.0, 0.5, 0.25)  # best, middle, worst share of the link that page migration reaches
 

@@ -102,7 +102,7 @@ def test_unusable_config_json_bytes(ws, raw):
     ("intermediate_size", [1, 2], "intermediate_size must be a whole number"),
     ("final_logit_softcapping", math.inf, "Infinity is not a number JSON allows"),
     ("final_logit_softcapping", 1e300, "final_logit_softcapping must be a finite number"),
-    ("num_local_experts", -8, "num_local_experts must be between 1"),
+    ("num_local_experts", -8, "num_local_experts must be between 0"),  # 0 is a dense model (Granite 4.0 micro)
 ])
 def test_each_malformed_number_is_named(ws, key, value, words):
     cfg = {**TINY_CONFIG, key: value}
@@ -111,6 +111,13 @@ def test_each_malformed_number_is_named(ws, key, value, words):
     assert rc == 2, (rc, err, out[:300])
     assert words in err and "config.json" in err, err
     assert not PY_EXCEPTION.search(err), err
+
+
+def test_experts_without_routed_experts_per_token(ws):
+    cfg = {**TINY_CONFIG, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 0}
+    (ws / "model" / "config.json").write_text(_dump_config(cfg))
+    rc, out, err = cli("estimate", ws / "spec.toml")
+    assert rc == 2 and "num_experts_per_tok must be at least 1 when the model has experts" in err, err
 
 
 # ------------------------------------------------------------------------------------------- plan.toml

@@ -172,6 +172,26 @@ def test_rank_falls_back_to_16_only_where_the_recipes_rank_does_not_fit():
                        data={"num_examples": 2000, "seq_len": 2048}, method={"name": "qlora", "rank": 64}))
 
 
+def test_every_catalog_device_has_a_host_link_for_offloading():
+    # B300 is PCIe Gen6: the offloading candidates priced its transfers from a table that stopped at Gen5 (KeyError)
+    from peftplan.planner import catalog
+    from peftplan.planner.paging import catalog_fact, host_link_gbps
+
+    for dev in catalog.devices():
+        gbps, _ = host_link_gbps(dev)
+        gen = catalog_fact(dev, "pcie_gen")
+        assert gbps == (16.0 * 2 ** (gen - 3) if gen else 32.0), dev.id  # each generation doubles Gen3's 16 GB/s
+    r = plan_spec(base(model={"name": "meta-llama/Llama-3.2-3B"}, hardware={"gpu": "B300"},
+                       data={"seq_len": 4096, "num_examples": 1000}))
+    assert r.chosen.fits
+
+
+def test_a_dense_model_that_writes_zero_experts_plans():
+    # Granite 4.0 micro's config.json says num_local_experts = 0 (dense); the config check must not refuse it
+    r = plan_spec(base(model={"name": "ibm-granite/granite-4.0-micro"}, hardware={"gpu": "A100-80GB"}))
+    assert r.chosen.fits and r.report.model.shape.num_experts == 0
+
+
 def test_objective_limits_reject_slow_plans():
     with pytest.raises(NothingFits) as exc:
         plan_spec(base(objective={"max_hours": 0.01}))
