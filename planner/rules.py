@@ -111,26 +111,37 @@ def advisable(vendor: str | None) -> bool:
 
 # --- geometry with a margin ----------------------------------------------------------------------------------------
 # The fit already keeps FIT_HEADROOM_FRACTION (5%) of the device free, but the estimate itself carries an error: a
-# median of ~1% and up to ~6% on the committed CPU calibration, a few percent against published GPU measurements
+# median of ~1% and up to ~9% on the committed CPU calibration, a few percent against published GPU measurements
 # (docs/accuracy.md). A candidate that fills more than TIGHT_FRACTION of the usable memory bets the run on that error;
 # when a candidate below it is at most NEARLY_AS_FAST times slower, the roomier one is chosen and the plan says so.
+# One that fills more than NO_MARGIN_FRACTION has no room for any error at all: a roomier one is taken up to
+# SAFER_SLOWDOWN times slower (an out-of-memory crash hours in costs more than a quarter of the run), under
+# TIGHT_FRACTION if there is one, else under NO_MARGIN_FRACTION.
 TIGHT_FRACTION = 0.95
 NEARLY_AS_FAST = 1.10
+NO_MARGIN_FRACTION = 0.99
+SAFER_SLOWDOWN = 1.25
 
 
 def with_margin(fastest, fitting: list, usable: int):
     """The candidate to take instead of `fastest` when `fastest` is tight and a roomier one is nearly as fast, with
     the reason; (fastest, None) otherwise. Candidates have `.needed_bytes` and `.seconds`."""
-    if fastest.needed_bytes <= TIGHT_FRACTION * usable:
+    fill = fastest.needed_bytes / usable
+    if fill <= TIGHT_FRACTION:
         return fastest, None
-    roomy = [c for c in fitting if c.needed_bytes <= TIGHT_FRACTION * usable
-             and c.seconds <= NEARLY_AS_FAST * fastest.seconds]
-    if not roomy:
+    limit = SAFER_SLOWDOWN if fill > NO_MARGIN_FRACTION else NEARLY_AS_FAST
+    # with no margin at all, a geometry that keeps at least some (under NO_MARGIN_FRACTION) beats none
+    bounds = (TIGHT_FRACTION, NO_MARGIN_FRACTION) if fill > NO_MARGIN_FRACTION else (TIGHT_FRACTION,)
+    for bound in bounds:
+        roomy = [c for c in fitting if c.needed_bytes <= bound * usable and c.seconds <= limit * fastest.seconds]
+        if roomy:
+            break
+    else:
         return fastest, None
     pick = min(roomy, key=lambda c: (c.seconds, c.needed_bytes))
-    return pick, (f"a margin: the fastest geometry fills {fastest.needed_bytes / usable:.0%} of the usable memory "
+    return pick, (f"a margin: the fastest geometry fills {fill:.0%} of the usable memory "
                   f"(over {TIGHT_FRACTION:.0%}); this one needs {pick.needed_bytes / usable:.0%} and takes "
-                  f"{pick.seconds / fastest.seconds:.2f}x its time (within {NEARLY_AS_FAST}x)")
+                  f"{pick.seconds / fastest.seconds:.2f}x its time (within {limit}x)")
 
 
 # --- activation offloading -------------------------------------------------------------------------------------------

@@ -207,3 +207,30 @@ def test_bar_is_drawn_to_the_device_and_marks_overflow():
 def test_each_component_has_its_own_glyph():
     assert len({GLYPHS[c] for c in COMPONENTS}) == len(COMPONENTS)
     assert "·" not in GLYPHS.values() and "»" not in GLYPHS.values()
+
+
+def test_margin_takes_a_roomier_geometry_by_how_tight_the_fastest_is():
+    from types import SimpleNamespace as C
+
+    from peftplan.planner.rules import with_margin
+
+    usable = 1000
+    roomy_115 = C(needed_bytes=900, seconds=115)  # 90% full, 1.15x the time
+    roomy_130 = C(needed_bytes=800, seconds=130)
+    # 94% full: not tight, kept
+    fast = C(needed_bytes=940, seconds=100)
+    assert with_margin(fast, [fast, roomy_115], usable) == (fast, None)
+    # 97% full: a roomier one only within 1.10x; 1.15x is too slow
+    fast = C(needed_bytes=970, seconds=100)
+    assert with_margin(fast, [fast, roomy_115], usable)[0] is fast
+    # 100% full: no room for any estimate error; 1.15x is taken, 1.30x is not
+    fast = C(needed_bytes=1000, seconds=100)
+    pick, why = with_margin(fast, [fast, roomy_115, roomy_130], usable)
+    assert pick is roomy_115 and "100%" in why and "1.15x" in why
+    assert with_margin(fast, [fast, roomy_130], usable)[0] is fast
+    # ... and with nothing under 95% within 1.25x, one that keeps some room (96.5%) beats one that keeps none
+    some_room = C(needed_bytes=965, seconds=116)
+    assert with_margin(fast, [fast, some_room, roomy_130], usable)[0] is some_room
+    # at 97% full (not at the edge) that candidate is not taken: it is neither under 95% nor within 1.10x
+    fast = C(needed_bytes=970, seconds=100)
+    assert with_margin(fast, [fast, some_room], usable)[0] is fast
