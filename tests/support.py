@@ -21,11 +21,13 @@ OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
 
 
 def cpu_spec(*, model: str = "model", num_examples: int, method: str = "lora", rank: int = 8, alpha: float = 16,
-             gpu: str = "cpu", count: int = 1, nodes: int = 1, seq_len: int = 64, **training) -> str:
-    """A spec for a tiny run: LoRA-family rank/alpha, dropout 0, micro-batch 4, one epoch, plus `training` keys."""
+             gpu: str = "cpu", count: int = 1, nodes: int = 1, seq_len: int = 64, packing: bool = False,
+             **training) -> str:
+    """A spec for a tiny run: LoRA-family rank/alpha, dropout 0, micro-batch 4, one epoch, plus `training` keys.
+    Packing is off unless asked for, so that steps per epoch are examples / micro-batch (tests count them)."""
     return tomli_w.dumps({
         "model": {"name": str(model)},
-        "data": {"path": "data.jsonl", "num_examples": num_examples, "seq_len": seq_len},
+        "data": {"path": "data.jsonl", "num_examples": num_examples, "seq_len": seq_len, "packing": packing},
         "hardware": {"gpu": gpu, "memory_gib": 8, "count": count, "nodes": nodes},
         "method": {"name": method, "rank": rank, "alpha": alpha, "dropout": 0.0},
         "training": {"micro_batch_size": 4, "gradient_accumulation_steps": 1, "epochs": 1, **training},
