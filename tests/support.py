@@ -55,3 +55,16 @@ class RunLockHolder:
     def __exit__(self, *exc):
         self.proc.kill()
         self.proc.wait()
+
+
+def meta_model(cfg: dict):
+    """The transformers model for a config dict, built on the meta device (parameters without memory)."""
+    import pytest
+
+    torch = pytest.importorskip("torch", reason="counting a real model's parameters needs the [train] extra")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(cfg)
+    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf)

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+from support import meta_model
 
 from peftplan.planner import AdapterSettings, Geometry, Setup, catalog, shape_from_config
 from peftplan.planner.activations import attention_saved_bytes, layer_terms, outside_layers_terms
@@ -44,16 +45,6 @@ TINY = {
 }
 
 
-def _meta_model(cfg: dict):
-    torch = pytest.importorskip("torch", reason="counting a real model's parameters needs the [train] extra")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(cfg)
-    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf)
-
-
 def _first_layer(model):
     import torch
 
@@ -71,7 +62,7 @@ def _linears(layer) -> list[tuple[str, int, int]]:
 
 @pytest.mark.parametrize("family", sorted(TINY))
 def test_parameters_and_linear_modules_match_a_tiny_transformers_model(family):
-    model = _meta_model(TINY[family])
+    model = meta_model(TINY[family])
     torch_count = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter: counted once
     shape = shape_from_config(TINY[family])
     assert shape.parameters == torch_count, (family, shape.parameters, torch_count)
@@ -87,7 +78,7 @@ def test_parameters_and_linear_modules_match_a_tiny_transformers_model(family):
        "mistralai/Mistral-Nemo-Base-2407"])
 def test_catalog_config_builds_a_model_of_the_closed_form_size(model_id):
     """The catalog's config.json subset, instantiated by transformers on the meta device: same total."""
-    model = _meta_model(catalog.find_model(model_id).config)
+    model = meta_model(catalog.find_model(model_id).config)
     assert shape_from_config(catalog.find_model(model_id).config).parameters == sum(p.numel() for p in model.parameters())
 
 
@@ -199,7 +190,7 @@ def test_described_shape_counts_every_parameter_of_an_unknown_architecture(cfg, 
 
     with pytest.raises(UnsupportedArchitecture):
         shape_from_config(cfg)
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     shape = shape_from_description(describe(cfg))
     assert shape.parameters == sum(p.numel() for p in model.parameters())
     assert len(shape.linears) == linears == len(_linears(_first_layer(model)))
@@ -230,7 +221,7 @@ def test_described_parameters_are_exact_for_other_layouts(family):
     from peftplan.runtime.exact import describe
 
     cfg, linears = OTHERS[family]
-    model = _meta_model(cfg)
+    model = meta_model(cfg)
     shape = shape_from_description(describe(cfg))
     assert shape.parameters == sum(p.numel() for p in model.parameters()), family
     assert len(shape.linears) == linears == len(_linears(_first_layer(model)))

@@ -5,6 +5,7 @@ the published Mixtral-8x7B QLoRA measurement on one A100-80GB (fms-acceleration)
 from math import ceil
 
 import pytest
+from support import meta_model
 from peftplan.planner import (
     AdapterSettings,
     Geometry,
@@ -58,19 +59,9 @@ PUBLISHED = {
 }
 
 
-def _meta_model(cfg: dict):
-    torch = pytest.importorskip("torch", reason="counting a real model's parameters needs the [train] extra")
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(cfg)
-    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf)
-
-
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_parameters_match_a_tiny_transformers_model(name):
-    model = _meta_model(TINY[name])
+    model = meta_model(TINY[name])
     assert shape_from_config(TINY[name]).parameters == sum(p.numel() for p in model.parameters())
 
 
@@ -78,7 +69,7 @@ def test_parameters_match_a_tiny_transformers_model(name):
 def test_experts_are_fused_and_the_rest_are_the_models_linear_modules(name):
     import torch
 
-    model = _meta_model(TINY[name])
+    model = meta_model(TINY[name])
     shape = shape_from_config(TINY[name])
     layer = model.model.layers[0]
     linears = sorted((n.split(".")[-1], m.in_features, m.out_features) for n, m in layer.named_modules()

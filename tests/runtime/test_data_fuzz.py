@@ -73,20 +73,6 @@ def mutate(data: bytes, ops) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    T.build_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
-
-
 @pytest.mark.slow
 @settings(max_examples=250, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

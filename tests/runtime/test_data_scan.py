@@ -19,26 +19,13 @@ from peftplan.runtime.data_tokenizer import LiteTokenizer  # noqa: E402
 FORMATS = ["chat", "sharegpt", "instruction", "completion", "text"]
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    T.build_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tok_dir)
+# a .txt file holds text records only
+CASES = [(fmt, ft) for fmt in FORMATS for ft in ("jsonl", "json", "csv", "parquet", "txt") if ft != "txt" or fmt == "text"]
 
 
 @pytest.mark.parametrize("seq_len", [40, 512])
-@pytest.mark.parametrize("file_type", ["jsonl", "json", "csv", "parquet", "txt"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt,file_type", CASES)
 def test_scanner_agrees_with_prepare_data(fmt, file_type, seq_len, tok, tok_dir, tmp_path):
-    if file_type == "txt" and fmt != "text":
-        pytest.skip("a .txt file holds text records only")
     if file_type == "parquet":
         pytest.importorskip("pyarrow")
     path = T.write_dataset(tmp_path / f"d.{file_type}", fmt, 13, file_type)
