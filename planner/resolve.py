@@ -198,7 +198,7 @@ def _described(name: str, source: str, location: str, config: dict, why: str,
             f"config.json with PyTorch, which is not installed here ({exc}): {INSTALL_HINT}"))]) from None
     except Exception as exc:  # transformers does not know it, or cannot build it on the meta device
         raise SpecError([Problem(key, (
-            f"{name}: {why}; building it with transformers failed too ({type(exc).__name__}: {exc}). "
+            f"{name}: {why}; building it with transformers failed too ({_first_line(exc)}). "
             "A model whose code lives in its repository (trust_remote_code) needs model.trust_remote_code = true "
             "and is estimated with `peftplan estimate` on that code"))]) from None
     try:
@@ -273,3 +273,9 @@ def resolve_hardware(spec: Spec) -> ResolvedHardware:
     if hw.tflops is not None:
         notes.append(f"peak throughput from hardware.tflops: {hw.tflops:g} TFLOPS per device")
     return ResolvedHardware(device=device, count=hw.count, nodes=hw.nodes, notes=tuple(notes))
+
+
+def _first_line(exc: Exception) -> str:
+    """What went wrong, in the library's words, without the Python exception's class name."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return (text[:200] + "…") if len(text) > 200 else (text or "no reason given")

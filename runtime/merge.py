@@ -52,14 +52,17 @@ def check_adapter(adapter_dir: Path) -> dict:
 
 
 def check_output(out_dir: Path, forbidden: dict[str, Path]) -> None:
-    """Refuse to write the merged model over the base model, the adapter, the project, or a folder of the
-    user's: only an absent or empty folder, or a previous merge's (its MARKER lists what it wrote)."""
+    """Refuse to write the merged model over (or into, or around) the base model or the adapter, over the project
+    or around it, or into a folder of the user's: only an absent or empty folder, or a previous merge's (its MARKER
+    lists what it wrote). A new folder inside the project is fine (outputs/merged is the default)."""
     out = out_dir.resolve()
     places = {what: Path(path).resolve() for what, path in forbidden.items()}
     relations = [(lambda p: out == p, "is"), (lambda p: p in out.parents, "is inside"),
                  (lambda p: out in p.parents, "contains")]
     for test, verb in relations:  # the closest relation first: "-o PROJECT" is the project, not "contains"
         for what, p in places.items():
+            if what == "project" and verb == "is inside":
+                continue  # a new folder in the project is fine: outputs/merged is the default
             if test(p):
                 raise MergeError(f"-o {out_dir}: that {verb} the {what} ({p}); choose another folder")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):

@@ -12,6 +12,7 @@ accumulation steps; initialization is seeded. Only the order of floating-point r
 1e-4 relative on fp32 CPU losses covers that, and is far below the step-to-step change (~1e-2).
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -98,6 +99,30 @@ def test_adapter_saved_once_and_loads_in_one_process(runs, par):
     assert model(input_ids=ids).logits.isfinite().all()
 
 
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it (from /proc: torchrun starts each rank in a new session, so a
+    process-group kill would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has released its files and locks)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("par", ["ddp", "fsdp"])
 def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
@@ -121,8 +146,13 @@ def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     deadline = time.time() + 300
     while time.time() < deadline and not (proj / "outputs" / "checkpoint-4" / "trainer_state.json").exists():
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks
+    tree = _process_tree(job.pid)  # the launcher, torchrun's agent and both ranks (each rank in its own session)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     job.wait()
+    while any(_alive(pid) for pid in tree):  # a rank holds the run lock until its process is gone
+        time.sleep(0.05)
     assert not (proj / "outputs" / "final").exists()
     run = subprocess.run([sys.executable, "-m", "peftplan", "run", str(proj), "--resume"], capture_output=True,
                          text=True, env={**ENV, "MAIN_PROCESS_PORT": free_port()}, timeout=600)

@@ -135,6 +135,23 @@ def test_merge_never_writes_over_the_base_model_or_a_users_folder(project, copy,
     one_clear_line(run("-m", "peftplan", "merge", copy, "-o", copy), "project")
 
 
+def test_merge_output_places(tmp_path):
+    from peftplan.runtime.merge import MergeError, check_output
+
+    project, base = tmp_path / "proj", tmp_path / "model"
+    adapter = project / "outputs" / "final"
+    for d in (adapter, base):
+        d.mkdir(parents=True)
+    places = {"base model": base, "adapter": adapter, "project": project}
+    check_output(project / "outputs" / "merged", places)  # the default: a new folder inside the project
+    check_output(tmp_path / "elsewhere", places)
+    for out, words in [(project, "is the project"), (tmp_path, "contains the"), (base / "sub", "inside the base model"),
+                       (adapter / "merged", "inside the adapter"), (base, "is the base model")]:
+        with pytest.raises(MergeError) as info:
+            check_output(out, places)
+        assert words in str(info.value), (out, str(info.value))
+
+
 def test_run_sh_without_the_training_stack_says_what_to_install(copy, tmp_path):
     fake = tmp_path / "python-without-torch"
     fake.write_text("#!/bin/sh\nexit 1\n")  # any import fails
