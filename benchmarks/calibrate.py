@@ -326,7 +326,6 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     runs = [r for r in matrix(args.matrix)
             if (not args.family or r.family in args.family) and (not args.method or r.method in args.method)]
-    ver = versions()
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -335,22 +334,30 @@ def main(argv=None) -> int:
             rows = list(csv.DictReader(fh))
         done = {r["run"] for r in rows}
         runs = [r for r in runs if r.key() not in done]
+    measure_all(runs, predict, measure, root, out, rows)
+    return 0
+
+
+def measure_all(runs: list, predict_run, measure_run, root: Path, out: Path, rows: list[dict],
+                extra=lambda run: {}) -> None:
+    """Measure each run, next to its prediction, appending to `rows` and rewriting `out` after every run (an
+    interrupted matrix continues with --resume). `extra(run)`: more columns for the row."""
+    ver = versions()
     for n, run in enumerate(runs, 1):
         t0 = time.perf_counter()
         row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,
                "gradient_checkpointing": run.gc, "lora_dropout": run.dropout, "attention": run.attention,
                "padded": run.padded, "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype,
-               "loss": run.loss, "config": json.dumps(run.config(), sort_keys=True)}
-        row.update(predict(run))
-        row.update(measure(run, root))
+               "loss": run.loss, **extra(run), "config": json.dumps(run.config(), sort_keys=True)}
+        row.update(predict_run(run))
+        row.update(measure_run(run, root))
         row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]
         row.update(ver)
         rows.append(row)
         print(f"[{n}/{len(runs)}] {run.key():60s} measured {row['measured_peak'] / 2**20:8.2f} MiB  "
               f"predicted {row['predicted_peak'] / 2**20:8.2f} MiB  error {row['error']:+6.1%}  "
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        write_rows(out, rows)  # after every run: an interrupted matrix continues with --resume
-    return 0
+        write_rows(out, rows)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

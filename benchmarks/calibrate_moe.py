@@ -15,11 +15,9 @@ buffers freed before the recompute peak) that planner/methods/nf4.py gives plann
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -136,23 +134,9 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     runs = [r for r in matrix(args.matrix)
             if (not args.family or r.family in args.family) and (not args.method or r.method in args.method)]
-    ver, rows, out = calibrate.versions(), [], Path(args.out)
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for n, run in enumerate(runs, 1):
-        t0 = time.perf_counter()
-        row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,
-               "gradient_checkpointing": run.gc, "lora_dropout": run.dropout, "attention": run.attention,
-               "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype, "targets": " ".join(ATTENTION),
-               "config": json.dumps(run.config(), sort_keys=True)}
-        row.update(predict(run))
-        row.update(measure(run, root))
-        row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]
-        row.update(ver)
-        rows.append(row)
-        print(f"[{n}/{len(runs)}] {run.key():52s} measured {row['measured_peak'] / 2**20:7.2f} MiB  predicted "
-              f"{row['predicted_peak'] / 2**20:7.2f} MiB  error {row['error']:+6.1%}  "
-              f"({time.perf_counter() - t0:.1f}s)", flush=True)
-        calibrate.write_rows(out, rows)
+    calibrate.measure_all(runs, predict, measure, root, out, [], extra=lambda run: {"targets": " ".join(ATTENTION)})
     return 0
 
 
