@@ -511,6 +511,9 @@ def _dist_worker(rank, world, port, out):
         results[mode] = grads
     if rank == 0:
         torch.save(results, out)
+    # every rank reaches this point before the group goes: a rank that tore it down while its peer still used
+    # gloo aborted ("terminate called without an active exception"), as runtime/train.py's ranks once did
+    dist.barrier()
     dist.destroy_process_group()
 
 
