@@ -163,7 +163,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def measure(run: Run, root: Path, steps: int = 3) -> dict:
+def measure(run: Run, root: Path, steps: int = 3, target_modules: list[str] | None = None) -> dict:
+    """Peak bytes of a steady-state training step of `run`, through the runtime's own loading and method setup;
+    `target_modules`: the adapter's targets by name instead of all-linear (the MoE calibration's attention)."""
     import torch
 
     from peftplan.runtime.memprobe import (LiveTensorBytes, model_tensors, rss_high_water_bytes,
@@ -174,7 +176,8 @@ def measure(run: Run, root: Path, steps: int = 3) -> dict:
     path = build_model_dir(run.config(), root)
     cuda = _cuda()
     setup = MethodSetup(method=run.method, dtype=run.dtype, attention=run.attention, gradient_checkpointing=run.gc,
-                        rank=run.rank, alpha=2 * run.rank, dropout=run.dropout)
+                        rank=run.rank, alpha=2 * run.rank, dropout=run.dropout,
+                        **({"target_modules": target_modules} if target_modules else {}))
     rss0 = rss_bytes()
     rss_high_water_reset()
     model = load_model(str(path), setup, device_map="cuda" if cuda else None)
@@ -183,7 +186,7 @@ def measure(run: Run, root: Path, steps: int = 3) -> dict:
     if run.loss == "chunked":
         from peftplan.runtime.loss import install
 
-        install(model)
+        assert install(model).enabled  # the estimate assumes the chunked loss
     if run.dtype != "float32":
         from peftplan.runtime.model import keep_adapter_inputs_16bit
 

@@ -67,47 +67,9 @@ def predict(run: MoERun) -> dict:
             **{f"pred_{k}": v for k, v in est.components().items()}}
 
 
-def measure(run: MoERun, root: Path, steps: int = 3) -> dict:
-    """calibrate.measure's loop, with the adapter targets set explicitly."""
-    import torch
-    from peftplan.runtime.memprobe import LiveTensorBytes, model_tensors
-    from peftplan.runtime.model import MethodSetup, load_model
-    from peftplan.runtime.optim import build_optimizer
-
-    path = calibrate.build_model_dir(run.config(), root)
-    setup = MethodSetup(method=run.method, dtype=run.dtype, attention=run.attention, gradient_checkpointing=run.gc,
-                        rank=run.rank, alpha=2 * run.rank, dropout=run.dropout, target_modules=list(ATTENTION))
-    model = load_model(str(path), setup)
-    # as runtime/train.py prepares the model: the chunked loss, and adapter inputs kept 16-bit under autocast
-    if run.loss == "chunked":
-        from peftplan.runtime.loss import install
-
-        result = install(model)
-        assert result.enabled, result  # the estimate assumes the chunked loss
-    if run.dtype != "float32":
-        from peftplan.runtime.model import keep_adapter_inputs_16bit
-
-        keep_adapter_inputs_16bit(model)
-    model.train()
-    vocab = model.config.get_text_config().vocab_size
-    ids = torch.randint(0, vocab, (run.batch, run.seq), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    opt = build_optimizer(run.optimizer, model.parameters(), lr=1e-4)
-    peak = baseline = 0
-    for _ in range(steps):  # the last steps are steady state: optimizer state exists
-        state = [t for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
-        mode = LiveTensorBytes(model_tensors(model) + state)
-        with mode:
-            with torch.autocast("cpu", dtype=getattr(torch, run.dtype), enabled=run.dtype != "float32"):
-                out = model(**batch)
-            loss = out.loss
-            del out
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            del loss
-        peak, baseline = mode.peak, mode.baseline
-    return {"measured_peak": int(peak), "measured_static": int(baseline), "device": "cpu", "loss": run.loss}
+def measure(run: MoERun, root: Path) -> dict:
+    """calibrate.measure with the attention projections as the adapter's targets."""
+    return calibrate.measure(run, root, target_modules=list(ATTENTION))
 
 
 def matrix(name: str) -> list[MoERun]:

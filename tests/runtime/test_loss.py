@@ -13,9 +13,9 @@ standard bf16 route (×1.5): it accumulates in fp32 where the standard route rou
 
 import copy
 import os
-import socket
 
 import pytest
+from support import free_port
 
 torch = pytest.importorskip("torch", reason="needs the [train] extra")
 F = torch.nn.functional
@@ -465,12 +465,6 @@ def test_peak_is_independent_of_sequence_length_and_far_below_standard():
 # ---------------------------------------------------------------------------------------------------- distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (4, 24), generator=g)
@@ -524,7 +518,7 @@ def test_ddp_and_fsdp2_gradients_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "grads.pt"
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     results = torch.load(out)
     model = tiny_model("llama")
     model.train()
