@@ -38,8 +38,8 @@ def _sliding_layers(cfg: dict, model_type: str, layers: int) -> tuple[int | None
     """(window, number of sliding-window layers), as transformers assigns `layer_types`."""
     types = cfg.get("layer_types")
     window = cfg.get("sliding_window")
-    if model_type in ("mistral", "mixtral") and "sliding_window" not in cfg:
-        window = 4096  # MistralConfig default
+    if model_type == "mistral" and "sliding_window" not in cfg:
+        window = 4096  # MistralConfig default (MixtralConfig's is None)
     if model_type in GEMMA[1:] and "sliding_window" not in cfg:
         window = 4096
     if isinstance(types, list) and types:
@@ -84,7 +84,6 @@ def llama_like(cfg: dict, model_type: str) -> ModelShape:
     qkv_bias = model_type == "qwen2" or bias
     o_bias = bias and model_type != "qwen2"
     mlp_bias = bool(cfg.get("mlp_bias", False))
-    experts = int(_get(cfg, "num_local_experts", default=0))
     attn = (
         Linear("q_proj", h, heads * d, qkv_bias, "attn_in"),
         Linear("k_proj", h, kv * d, qkv_bias, "attn_in"),
@@ -97,13 +96,6 @@ def llama_like(cfg: dict, model_type: str) -> ModelShape:
             Linear("o_proj", heads * d, h, False, "attn_out"),
         )
         mlp = (Linear("gate_up_proj", h, 2 * i, False, "mlp_in"), Linear("down_proj", i, h, False, "mlp_mid"))
-    elif experts:
-        top_k = int(_get(cfg, "num_experts_per_tok", default=2))
-        share = top_k / experts
-        mlp = (  # transformers 5: experts are fused 3D parameters, not nn.Linear
-            Linear("gate_up_proj", h, 2 * i, False, "mlp_in", experts, share, is_linear=False),
-            Linear("down_proj", i, h, False, "mlp_mid", experts, share, is_linear=False),
-        )
     else:
         mlp = (
             Linear("gate_proj", h, i, mlp_bias, "mlp_in"),
@@ -147,16 +139,12 @@ def llama_like(cfg: dict, model_type: str) -> ModelShape:
         # transformers' defaults: Gemma's configs use the tanh-approximated GELU, the others SiLU
         activation=str(_get(cfg, "hidden_activation", "hidden_act",
                             default="gelu_pytorch_tanh" if model_type in GEMMA else "silu")),
-        num_experts=experts,
-        experts_per_token=int(_get(cfg, "num_experts_per_tok", default=0)) if experts else 0,
-        router_params_per_layer=experts * h,
         final_logit_softcap=_get(cfg, "final_logit_softcapping"),
         attn_logit_softcap=_get(cfg, "attn_logit_softcapping"),
         dropouts={"attention": float(_get(cfg, "attention_dropout", default=0.0))},
         extra_layer_params=qk_params,
         supports_sdpa=model_type != "gemma2",
         fused_qkv_views=model_type == "phi3",
-        calibrated=model_type != "mixtral",
         qk_norm=qk,
         sliding_window=window if sliding else None,
         sliding_layers=sliding,
@@ -164,7 +152,6 @@ def llama_like(cfg: dict, model_type: str) -> ModelShape:
         rotary_dim=rotary_dim,
         nope_layers=nope,
         input_norm=model_type != "olmo2",
-        embedding_multiplier=_get(cfg, "embedding_multiplier") if model_type == "granite" else None,
         logits_scaling=logits_scaling,
         notes=tuple(notes),
     )
@@ -345,7 +332,7 @@ def falcon(cfg: dict, model_type: str = "falcon") -> ModelShape:
     )
 
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
               "smollm3", "granite")
 BUILDERS = {
     **{t: llama_like for t in LLAMA_LIKE},

@@ -30,7 +30,7 @@ BF16_HALF_ULP = 2.0**-9
 def expert_weight_params(shape: ModelShape) -> int:
     """Weights of the experts' matrices over all layers."""
     return round(shape.num_layers * sum(lin.experts * lin.in_features * lin.out_features
-                                        * float(getattr(lin, "layer_share", 1.0))
+                                        * lin.layer_share
                                         for lin in shape.linears if lin.experts > 1))
 
 

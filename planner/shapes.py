@@ -34,10 +34,18 @@ class Linear:
     experts: int = 1  # copies in the layer (MoE)
     active: float = 1.0  # fraction of tokens each copy sees (MoE: top_k / experts)
     is_linear: bool = True  # False: a fused 3D parameter (transformers 5 MoE experts), not an nn.Linear
+    # the share of the decoder layers that have this module (Llama 4 Maverick: MoE on every other layer, a dense
+    # MLP on the others); per-layer figures (`parameters`) are averages over the layers
+    layer_share: float = 1.0
 
     @property
     def parameters(self) -> int:
-        return self.experts * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+        one = self.experts * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+        return one if self.layer_share == 1.0 else round(one * self.layer_share)
+
+    def layers(self, num_layers: int) -> int:
+        """How many of `num_layers` decoder layers have this module."""
+        return round(num_layers * self.layer_share)
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,6 @@ class ModelShape:
     input_norm: bool = True  # a norm reads each layer's input (pre-norm); False: OLMo 2 normalizes outputs only
     # -- outside the decoder -----------------------------------------------------------------------
     extra_frozen_params: int = 0  # loaded but never run by text training (a multimodal checkpoint's vision tower)
-    embedding_multiplier: float | None = None  # Granite: scalar multipliers, no saved tensor
     logits_scaling: float | None = None  # Granite: logits / scaling, one more T×V tensor at the loss
     notes: tuple[str, ...] = ()  # what the builder assumed, for the report
 
@@ -132,58 +139,31 @@ def _get(cfg: dict, *keys, default=None):
     return default
 
 
-MOE_TYPES = ("mixtral", "qwen3_moe", "olmoe", "granitemoe", "llama4_text", "llama4", "gpt_oss")  # planner.shapes_moe
-
-
 def shape_from_config(cfg: dict) -> ModelShape:
-    """Build a `ModelShape` from a config.json dictionary."""
-    from . import architectures
+    """Build a `ModelShape` from a config.json dictionary (MoE types by planner.shapes_moe, the rest by
+    planner.architectures); MalformedConfig when its numbers cannot describe a model."""
+    from . import architectures, shapes_moe  # both import this module's types
 
     model_type = str(cfg.get("model_type", "")).lower()
     if model_type == "refinedwebmodel":
         model_type = "falcon"
+    builder = shapes_moe.build if model_type in shapes_moe.TYPES else architectures.BUILDERS.get(model_type)
+    if builder is None:
+        raise UnsupportedArchitecture(f"model_type {model_type!r} is not one the closed-form estimator knows "
+                                      f"({', '.join((*architectures.BUILDERS, *shapes_moe.TYPES))})")
     try:
-        moe = _moe_module()
-        if moe is not None and model_type in getattr(moe, "TYPES", MOE_TYPES):
-            return moe.build(cfg, model_type)
-        builder = architectures.BUILDERS.get(model_type)
-        if builder is not None:
-            return builder(cfg, model_type)
+        return builder(cfg, model_type)
+    except MalformedConfig as exc:
+        raise MalformedConfig(f"config.json of model_type {model_type!r}: {exc}") from None
+    except UnsupportedArchitecture:
+        raise
     except KeyError as exc:
         raise MalformedConfig(f"config.json of model_type {model_type!r} lacks the key {exc.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as exc:
-        if isinstance(exc, UnsupportedArchitecture):
-            raise
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as exc:  # a zero count divides, too
         raise MalformedConfig(f"config.json of model_type {model_type!r}: {exc}") from None
-    raise UnsupportedArchitecture(
-        f"model_type {model_type!r} is not one the closed-form estimator knows ({', '.join(_supported())})"
-    )
-
-
-def _moe_module():
-    """`planner.shapes_moe` (MoE builders, `build(cfg, model_type)`) where it exists; None falls back to the
-    Mixtral path of `architectures.llama_like`."""
-    try:
-        from . import shapes_moe
-    except ImportError:
-        return None
-    return shapes_moe if hasattr(shapes_moe, "build") else None
-
-
-def _supported() -> tuple[str, ...]:
-    from .architectures import BUILDERS
-
-    moe = _moe_module()
-    return tuple(dict.fromkeys((*BUILDERS, *(getattr(moe, "TYPES", ()) if moe else ()))))
-
-
-def __getattr__(name: str):  # SUPPORTED is computed lazily: architectures imports this module
-    if name == "SUPPORTED":
-        return _supported()
-    raise AttributeError(name)
 
 
 from .described import shape_from_description  # noqa: E402  (re-exported: the any-architecture path)
 
 __all__ = ["Linear", "MalformedConfig", "ModelShape", "UnsupportedArchitecture", "shape_from_config",
-           "shape_from_description", "MOE_TYPES"]
+           "shape_from_description"]

@@ -22,51 +22,32 @@ qlora/qdora (runtime/moe.py) and which adapters do not target. Routers stay in t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from .architectures import llama_like
-from .shapes import Linear, ModelShape, UnsupportedArchitecture, _get
+from .architectures import _rope_layers, llama_like
+from .shapes import Linear, MalformedConfig, ModelShape, UnsupportedArchitecture, _get
 
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "granitemoe", "llama4_text", "llama4", "gpt_oss")
 
 
-@dataclass(frozen=True)
-class LayerShareLinear(Linear):
-    """A module present in only `layer_share` of the decoder layers (Llama 4 Maverick: MoE on every other layer,
-    a dense MLP on the others). `parameters` is the per-layer average, so `ModelShape.parameters` stays exact."""
-
-    layer_share: float = 1.0
-
-    @property
-    def parameters(self) -> int:
-        return round(super().parameters * self.layer_share)
-
-
-def layer_share(lin: Linear) -> float:
-    return float(getattr(lin, "layer_share", 1.0))
-
-
 def _experts(h: int, i: int, n: int, top_k: int, bias: bool = False, share: float = 1.0) -> tuple[Linear, ...]:
     """Routed experts as transformers 5 stores them: fused gate/up [E, 2i, h] and down [E, h, i]."""
+    if n < 1 or not 1 <= top_k <= n:
+        raise MalformedConfig(f"a mixture-of-experts model needs 1 ≤ experts per token ≤ experts, got {top_k} of {n}")
     active = top_k / n
-    if share == 1.0:
-        return (Linear("gate_up_proj", h, 2 * i, bias, "mlp_in", n, active, is_linear=False),
-                Linear("down_proj", i, h, bias, "mlp_mid", n, active, is_linear=False))
-    return (LayerShareLinear("gate_up_proj", h, 2 * i, bias, "mlp_in", n, active, False, share),
-            LayerShareLinear("down_proj", i, h, bias, "mlp_mid", n, active, False, share))
+    return (Linear("gate_up_proj", h, 2 * i, bias, "mlp_in", n, active, is_linear=False, layer_share=share),
+            Linear("down_proj", i, h, bias, "mlp_mid", n, active, is_linear=False, layer_share=share))
 
 
 def _mlp(h: int, i: int, share: float = 1.0) -> tuple[Linear, ...]:
     """A dense SwiGLU MLP of nn.Linear modules (shared expert, dense layers)."""
     names = (("gate_proj", h, i, "mlp_in"), ("up_proj", h, i, "mlp_in"), ("down_proj", i, h, "mlp_mid"))
-    if share == 1.0:
-        return tuple(Linear(n, a, b, False, inp) for n, a, b, inp in names)
-    return tuple(LayerShareLinear(n, a, b, False, inp, 1, 1.0, True, share) for n, a, b, inp in names)
+    return tuple(Linear(n, a, b, False, inp, layer_share=share) for n, a, b, inp in names)
 
 
 def _base(cfg: dict, like: str, head_dim: int | None = None, kv: int | None = None) -> ModelShape:
     """Attention, norms, embeddings and position handling from the dense builder (no MLP, no experts)."""
-    dense = {**cfg, "num_local_experts": 0}
+    dense = dict(cfg)
     if head_dim is not None:
         dense["head_dim"] = head_dim
     if kv is not None:
@@ -88,7 +69,6 @@ def _finish(base: ModelShape, model_type: str, mlp: tuple[Linear, ...], *, exper
 def _mixtral(cfg: dict, model_type: str) -> ModelShape:
     h, i = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
     n, k = int(_get(cfg, "num_local_experts", default=8)), int(_get(cfg, "num_experts_per_tok", default=2))
-    cfg = {"sliding_window": None, **cfg}  # MixtralConfig's default is None (no sliding window)
     base = _base(cfg, "mixtral")
     return _finish(base, model_type, _experts(h, i, n, k), experts=n, top_k=k, i=i, router=n * h)
 
@@ -127,9 +107,7 @@ def _granitemoe(cfg: dict, model_type: str) -> ModelShape:
     h, i = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
     n, k = int(_get(cfg, "num_local_experts", default=8)), int(_get(cfg, "num_experts_per_tok", default=2))
     base = _base(cfg, "granite")
-    mult = _get(cfg, "embedding_multiplier")
-    return _finish(base, model_type, _experts(h, i, n, k), experts=n, top_k=k, i=i, router=n * h,
-                   embedding_multiplier=None if mult in (None, 1, 1.0) else mult)
+    return _finish(base, model_type, _experts(h, i, n, k), experts=n, top_k=k, i=i, router=n * h)
 
 
 def _llama4_decoder(cfg: dict, model_type: str) -> ModelShape:
@@ -140,12 +118,7 @@ def _llama4_decoder(cfg: dict, model_type: str) -> ModelShape:
     step = int(_get(cfg, "interleave_moe_layer_step", default=1))
     moe = cfg.get("moe_layers")
     moe_layers = len(moe) if isinstance(moe, list) else len(range(step - 1, L, step)) if step > 0 else 0
-    rope_flags = cfg.get("no_rope_layers")
-    if isinstance(rope_flags, list) and rope_flags:
-        rope = sum(1 for f in rope_flags[:L] if f)
-    else:  # Llama4TextConfig: every no_rope_layer_interval-th layer (default 4) has no RoPE
-        interval = int(_get(cfg, "no_rope_layer_interval", default=4))
-        rope = sum(1 for j in range(L) if (j + 1) % interval != 0)
+    rope = _rope_layers(cfg, L)  # Llama4TextConfig, as SmolLM3: every 4th layer (by default) has no RoPE
     base = _base({**cfg, "sliding_window": None}, "llama", head_dim=int(_get(cfg, "head_dim", default=128)))
     share = moe_layers / L
     mlp = _experts(h, i, n, k, share=share) + _mlp(h, i, share)  # routed experts + the shared expert

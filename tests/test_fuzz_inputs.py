@@ -113,11 +113,26 @@ def test_each_malformed_number_is_named(ws, key, value, words):
     assert not PY_EXCEPTION.search(err), err
 
 
-def test_experts_without_routed_experts_per_token(ws):
-    cfg = {**TINY_CONFIG, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 0}
+@pytest.mark.parametrize("changes,words", [
+    ({"num_local_experts": 4, "num_experts_per_tok": 0}, "1 ≤ experts per token ≤ experts, got 0 of 4"),
+    ({"num_local_experts": 0}, "1 ≤ experts per token ≤ experts, got 2 of 0"),  # 0 is dense, but not for Mixtral
+    ({"num_local_experts": 2, "num_experts_per_tok": 3}, "got 3 of 2"),
+])
+def test_a_mixture_of_experts_needs_its_experts(ws, changes, words):
+    cfg = {**TINY_CONFIG, "model_type": "mixtral", "num_experts_per_tok": 2, **changes}
     (ws / "model" / "config.json").write_text(_dump_config(cfg))
     rc, out, err = cli("estimate", ws / "spec.toml")
-    assert rc == 2 and "num_experts_per_tok must be at least 1 when the model has experts" in err, err
+    assert rc == 2 and words in err and "config.json" in err, err
+    assert not PY_EXCEPTION.search(err), err
+
+
+@pytest.mark.parametrize("model_type,key", [("smollm3", "no_rope_layer_interval"), ("llama4_text", "no_rope_layer_interval"),
+                                            ("gemma3_text", "sliding_window_pattern")])
+def test_a_zero_layer_interval_is_named(ws, model_type, key):
+    cfg = {**TINY_CONFIG, "model_type": model_type, key: 0}
+    (ws / "model" / "config.json").write_text(_dump_config(cfg))
+    rc, out, err = cli("estimate", ws / "spec.toml")
+    assert rc == 2 and f"{key} must be between 1" in err, err
 
 
 # ------------------------------------------------------------------------------------------- plan.toml

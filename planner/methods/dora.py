@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import assumptions as A
 from ..terms import Setup, Term
 from .base import Tensors
-from .lora import LoRA, layer_share
+from .lora import LoRA
 
 
 class DoRA(LoRA):
@@ -17,7 +17,7 @@ class DoRA(LoRA):
     def trainable_tensors(self, s: Setup) -> list[Tensors]:
         out = super().trainable_tensors(s)
         for lin in s.targeted():
-            out.append(Tensors(f"{lin.name}.magnitude", lin.out_features, round(s.shape.num_layers * layer_share(lin)), 4))
+            out.append(Tensors(f"{lin.name}.magnitude", lin.out_features, lin.layers(s.shape.num_layers), 4))
         return out
 
     def module_saved_bytes(self, s: Setup, lin, tokens: int) -> int:

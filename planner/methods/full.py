@@ -7,7 +7,7 @@ from collections import defaultdict
 from .. import assumptions as A
 from ..terms import Setup
 from .base import Method, Tensors
-from .lora import attention_output_is_the_input, layer_share
+from .lora import attention_output_is_the_input
 
 
 class Full(Method):
@@ -30,7 +30,7 @@ class Full(Method):
         if sh.lm_head_bias:
             out.append(Tensors("lm_head bias", sh.vocab_size, 1, b))
         for lin in sh.linears:
-            layers = round(L * layer_share(lin))  # Llama 4 Maverick: MoE on every other layer
+            layers = lin.layers(L)  # Llama 4 Maverick: MoE on every other layer
             out.append(Tensors(lin.name, lin.in_features * lin.out_features, layers * lin.experts, b))
             if lin.bias:
                 out.append(Tensors(f"{lin.name} bias", lin.out_features, layers * lin.experts, b))

@@ -7,11 +7,6 @@ from ..terms import Setup
 from .base import Method, Tensors
 
 
-def layer_share(lin) -> float:
-    """The share of decoder layers that have this module (Llama 4 Maverick's MoE on every other layer); 1.0 else."""
-    return float(getattr(lin, "layer_share", 1.0))
-
-
 def attention_output_is_the_input(s: Setup) -> bool:
     """sdpa and flash-attention return their output laid out as (batch, seq, heads, dim), so the o_proj input
     (`.transpose(1, 2).contiguous()` of it) is the very tensor they save for backward: counted with the attention
@@ -28,7 +23,7 @@ class LoRA(Method):
         r, L = s.adapter.rank, s.shape.num_layers
         out = []
         for lin in s.targeted():
-            layers = round(L * layer_share(lin))
+            layers = lin.layers(L)
             out.append(Tensors(f"{lin.name}.lora_A", r * lin.in_features, layers, A.ADAPTER_BYTES))
             out.append(Tensors(f"{lin.name}.lora_B", lin.out_features * r, layers, A.ADAPTER_BYTES))
         return out

@@ -27,10 +27,6 @@ def expert_nf4_bytes(numel: int) -> tuple[int, int]:
     return ceil(numel / 2), blocks + 4 * ceil(blocks / A.NF4_NESTED_BLOCKSIZE) + A.NF4_EXPERT_OFFSET_BYTES
 
 
-def _share(lin) -> float:
-    return float(getattr(lin, "layer_share", 1.0))  # Llama 4 Maverick: modules on only some layers
-
-
 def quantized_experts(s: Setup) -> list:
     """The fused expert matrices the runtime stores in NF4 (none when it leaves them in 16-bit)."""
     if not A.QUANTIZE_FUSED_EXPERTS:
@@ -50,19 +46,19 @@ class NF4Storage:
         for lin in sh.linears:
             if not lin.is_linear:
                 continue
-            copies = round(L * _share(lin) * lin.experts)
+            copies = lin.layers(L) * lin.experts
             d, c = nf4_bytes(lin.in_features * lin.out_features)
             data, consts = data + d * copies, consts + c * copies
             q_params += lin.in_features * lin.out_features * copies
         e_data = e_consts = e_params = 0
         experts = quantized_experts(s)
         for lin in experts:
-            copies = round(L * _share(lin) * lin.experts)
+            copies = lin.layers(L) * lin.experts
             d, c = expert_nf4_bytes(lin.in_features * lin.out_features)
             e_data, e_consts = e_data + d * copies, e_consts + c * copies
             e_params += lin.in_features * lin.out_features * copies
         if experts:
-            e_consts += A.NF4_EXPERTS_MODULE_BYTES * round(L * max(_share(lin) for lin in experts))
+            e_consts += A.NF4_EXPERTS_MODULE_BYTES * max(lin.layers(L) for lin in experts)
         label = "4-bit NF4 decoder linear weights" + (" and routed experts" if experts else "")
         terms = [Term("weights", label, data + e_data, "P_q / 2",
                       {"P_q": q_params + e_params, "P_linear": q_params, "P_experts": e_params})]

@@ -79,7 +79,8 @@ def test_experts_are_fused_and_the_rest_are_the_models_linear_modules(name):
     for lin in (l for l in shape.linears if not l.is_linear):
         e, a, b = fused[lin.name]
         assert e == lin.experts and {a, b} == {lin.in_features, lin.out_features}
-        assert lin.active == shape.experts_per_token / shape.num_experts
+        cfg = TINY[name]  # top_k / E, from the config itself
+        assert lin.active == cfg["num_experts_per_tok"] / (cfg.get("num_local_experts") or cfg["num_experts"])
 
 
 @pytest.mark.parametrize("model_id", sorted(PUBLISHED))
@@ -101,7 +102,7 @@ def test_llama4_shared_expert_and_interleaved_dense_layers():
     assert names.count(("gate_proj", True)) == 1  # the shared expert, an nn.Linear: 4-bit and adapted
     assert scout.extra_frozen_params == 871_932_416  # vision tower + adapter + projector
     maverick = shape_from_config(catalog.find_model("meta-llama/Llama-4-Maverick-17B-128E").config)
-    shares = sorted((l.out_features, getattr(l, "layer_share", 1.0)) for l in maverick.linears if l.name == "gate_proj")
+    shares = sorted((l.out_features, l.layer_share) for l in maverick.linears if l.name == "gate_proj")
     assert shares == [(8192, 0.5), (16384, 0.5)]  # shared expert on the 24 MoE layers, dense MLP on the other 24
 
 
