@@ -72,7 +72,7 @@ def cmd_estimate(args) -> int:
 
     spec = _load(args.spec)
     report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
-    if args.exact or report.model.needs_trace:
+    if args.exact or report.model.described:
         report = _exact(report, quiet=args.json, automatic=not args.exact)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

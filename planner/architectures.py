@@ -197,24 +197,15 @@ def granite_hybrid(cfg: dict, model_type: str) -> ModelShape:
         raise UnsupportedArchitecture("granitemoehybrid with Mamba layers is not one the closed form knows")
     if int(_get(cfg, "num_local_experts", default=8)) > 0:
         raise UnsupportedArchitecture("granitemoehybrid with experts is not one the closed form knows")
-    h, heads, kv, d = _attention_layout(cfg, model_type)
-    i = int(_get(cfg, "shared_intermediate_size", default=1024))
-    bias = bool(cfg.get("attention_bias", False))
-    base = llama_like({**cfg, "intermediate_size": i, "model_type": "granite"}, "granite")
-    linears = (
-        Linear("q_proj", h, heads * d, bias, "attn_in"),
-        Linear("k_proj", h, kv * d, bias, "attn_in"),
-        Linear("v_proj", h, kv * d, bias, "attn_in"),
-        Linear("o_proj", heads * d, h, bias, "attn_out"),
+    h, i = int(cfg["hidden_size"]), int(_get(cfg, "shared_intermediate_size", default=1024))
+    base = llama_like({**cfg, "intermediate_size": i, "model_type": "granite"}, "granite")  # attention, norms, scaling
+    linears = base.linears[:4] + (
         Linear("input_linear", h, 2 * i, False, "mlp_in"),  # gate and up, fused
         Linear("output_linear", i, h, False, "mlp_mid"),
     )
     rope = cfg.get("position_embedding_type") == "rope"
-    scaling = _get(cfg, "logits_scaling")
     return replace(base, model_type=model_type, linears=linears, rotary_dim=None if rope else 0,
-                   logits_scaling=None if scaling in (None, 1, 1.0) else scaling,
                    notes=base.notes + (("no position embedding (NoPE)",) if not rope else ()))
-
 
 def gpt2(cfg: dict, model_type: str = "gpt2") -> ModelShape:
     h = int(_get(cfg, "n_embd", "hidden_size"))

@@ -22,7 +22,6 @@ class CatalogModel:
     source: str
     published_parameters: int | None
     variants: tuple[str, ...] = ()  # other hub ids with the same config.json shapes (instruct/base pairs)
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,6 @@ def models() -> tuple[CatalogModel, ...]:
                 source=entry["source"],
                 published_parameters=entry.get("published_parameters"),
                 variants=tuple(entry.get("variants", ())),
-                note=entry.get("note", ""),
             )
         )
     return tuple(out)
@@ -123,9 +121,38 @@ def find_model(name: str) -> CatalogModel | None:
 
 
 @lru_cache(maxsize=1)
-def _name_rules() -> tuple[tuple[str, ...], tuple[dict, ...]]:
+def _name_rules() -> tuple[frozenset[str], tuple[tuple[re.Pattern, dict], ...]]:
+    """Mirror organisations, and each [[names.rules]] entry with its suffix pattern compiled once."""
     names = _raw_models().get("names", {})
-    return tuple(o.lower() for o in names.get("mirror_orgs", ())), tuple(names.get("rules", ()))
+    rules = tuple((re.compile(f"(?:{r['strip']})$", re.IGNORECASE), r) for r in names.get("rules", ()))
+    return frozenset(o.lower() for o in names.get("mirror_orgs", ())), rules
+
+
+def _strip(repo: str) -> tuple[str, list[str], str | None]:
+    """`repo` without the suffixes the rules strip (pre-quantized packaging first, then instruct/base suffixes,
+    repeatedly), the rules' notes, and the pre-quantized format if one was stripped."""
+    notes, prequantized = [], None
+    for pattern, rule in _name_rules()[1]:
+        while (m := pattern.search(repo)) and m.start() > 0:
+            repo = repo[: m.start()]
+            notes.append(rule["note"].format(suffix=m.group(0)))
+            prequantized = prequantized or rule.get("prequantized")
+    return repo, notes, prequantized
+
+
+@lru_cache(maxsize=1)
+def _known_orgs() -> frozenset[str]:
+    return frozenset(e.id.split("/")[0].lower() for e in models()) | _name_rules()[0]
+
+
+@lru_cache(maxsize=1)
+def _stripped_index() -> dict[str, tuple[CatalogModel, str]]:
+    """Every entry's id, alias and variant, stripped by the rules (the first entry wins)."""
+    out: dict[str, tuple[CatalogModel, str]] = {}
+    for m in models():
+        for name in (m.id, *m.aliases, *m.variants):
+            out.setdefault(_strip(name.split("/")[-1])[0].lower(), (m, m.id))
+    return out
 
 
 def match_model(name: str) -> ModelMatch | None:
@@ -133,7 +160,8 @@ def match_model(name: str) -> ModelMatch | None:
     entry it re-packages by the rules in models.toml [names] (mirror organisations, instruct/base and
     pre-quantized suffixes). None when nothing matches."""
     key = name.strip()
-    hit = _model_index().get(key.lower())
+    index = _model_index()
+    hit = index.get(key.lower())
     if hit:
         entry, hub = hit
         how = None
@@ -143,48 +171,21 @@ def match_model(name: str) -> ModelMatch | None:
     if key.count("/") != 1:
         return None
     org, repo = key.split("/")
-    mirrors, rules = _name_rules()
-    notes, prequantized = [], None
-    stripped = repo
-    for rule in rules:  # pre-quantized packaging first, then instruct/base suffixes (repeatedly)
-        pattern = re.compile(f"(?:{rule['strip']})$", re.IGNORECASE)
-        while (m := pattern.search(stripped)) and m.start() > 0:
-            stripped = stripped[: m.start()]
-            notes.append(rule["note"].format(suffix=m.group(0)))
-            prequantized = prequantized or rule.get("prequantized")
-    index = _model_index()
-    orgs_ok = {e.id.split("/")[0].lower() for e in models()} | set(mirrors)
-    if org.lower() not in orgs_ok:
+    if org.lower() not in _known_orgs():
         return None
+    stripped, notes, prequantized = _strip(repo)
     hit, via_rules = index.get(repo.lower()), False
     if hit is None:
-        hit, via_rules = index.get(stripped.lower()) or _by_stripped_name(stripped, rules), True
+        hit, via_rules = index.get(stripped.lower()) or _stripped_index().get(stripped.lower()), True
     if hit is None:
         return None
     entry = hit[0]
     why = [f"{key} resolves to the shapes of catalog entry {entry.id}"]
-    if org.lower() in mirrors:
+    if org.lower() in _name_rules()[0]:
         why.append(f"{org} re-uploads other organisations' checkpoints with their config.json")
     if via_rules:
         why += list(dict.fromkeys(notes))
     return ModelMatch(entry, key, "; ".join(why), prequantized if via_rules else None, by_rule=True)
-
-
-def _by_stripped_name(repo: str, rules: tuple[dict, ...]) -> tuple[CatalogModel, str] | None:
-    """An entry whose id, alias or variant, stripped of the same suffixes, equals `repo` stripped."""
-    def strip(s: str) -> str:
-        for rule in rules:
-            pattern = re.compile(f"(?:{rule['strip']})$", re.IGNORECASE)
-            while (m := pattern.search(s)) and m.start() > 0:
-                s = s[: m.start()]
-        return s.lower()
-
-    want = strip(repo)
-    for m in models():
-        for name in (m.id, *m.aliases, *m.variants):
-            if strip(name.split("/")[-1]) == want:
-                return m, m.id
-    return None
 
 
 def close_models(name: str, n: int = 3) -> list[str]:

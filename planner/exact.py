@@ -60,7 +60,7 @@ def trace_estimates(report, trace, *, progress=None, automatic: bool = False):
     """`report` (planner.report.EstimateReport) with every method's estimate traced instead of closed-form.
 
     `trace` is runtime.exact.trace, passed in by the caller (the planner never imports the runtime).
-    `automatic`: the closed form does not know the architecture (report.model.needs_trace), so the trace is
+    `automatic`: the closed form does not know the architecture (report.model.described), so the trace is
     the estimate, not a cross-check; the notes say so and how long it took. `progress(method)` is called
     before each method is traced."""
     import time

@@ -33,14 +33,9 @@ class ResolvedModel:
     config: dict
     shape: ModelShape
     notes: tuple[str, ...] = ()  # how the name was resolved, what the shape assumes
-    catalog_id: str | None = None  # the catalog entry whose shapes are used
     prequantized: str | None = None  # "bnb-4bit": a checkpoint stored in 4-bit (only QLoRA/QDoRA train it as is)
-    described: bool = False  # the shape comes from the model built on the meta device, not the closed form
-
-    @property
-    def needs_trace(self) -> bool:
-        """The closed form does not know this architecture: `estimate` should trace it (runtime.exact)."""
-        return self.described
+    # the shape comes from the model built on the meta device, not the closed form: `estimate` traces it
+    described: bool = False
 
 
 Describer = Callable[[dict], dict]
@@ -145,7 +140,7 @@ def _from_catalog(match: catalog.ModelMatch, describe: Describer | None) -> Reso
     notes = list(model.notes)
     if match.how:
         notes.insert(0, match.how)
-    return replace(model, notes=tuple(notes), catalog_id=entry.id, prequantized=match.prequantized)
+    return replace(model, notes=tuple(notes), prequantized=match.prequantized)
 
 
 def _shaped(name: str, source: str, location: str, config: dict, describe: Describer | None = None) -> ResolvedModel:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 
 from .. import assumptions as A
 from ..terms import Setup
 from .base import Method, Tensors
-from .lora import attention_output_is_the_input
+from .lora import distinct_inputs
 
 
 class Full(Method):
@@ -45,14 +44,9 @@ class Full(Method):
     def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
         # Each linear saves its input for the weight gradient; modules reading the same tensor
         # (q/k/v, gate/up) share one saved copy.
-        e = s.compute_bytes
-        by_input: dict[str, int] = defaultdict(int)
-        for lin in s.shape.linears:
-            if lin.input == "attn_out" and attention_output_is_the_input(s):
-                continue  # o_proj reads the attention's own saved output (see lora.attention_output_is_the_input)
-            by_input[lin.input] = max(by_input[lin.input], int(tokens * lin.active * lin.experts) * lin.in_features)
-        total = e * sum(by_input.values())
-        return total, {"distinct_inputs(elements)": dict(by_input), "bytes": e}
+        by_input = distinct_inputs(s, s.shape.linears, tokens, all_experts=True)
+        return s.compute_bytes * sum(by_input.values()), {"distinct_inputs(elements)": by_input,
+                                                          "bytes": s.compute_bytes}
 
     def not_yet_graded_bytes(self, s: Setup) -> int:
         sh, b = s.shape, self.weight_bytes(s)

@@ -14,6 +14,19 @@ def attention_output_is_the_input(s: Setup) -> bool:
     return s.geometry.attention != "eager"
 
 
+def distinct_inputs(s: Setup, linears, tokens: int, all_experts: bool = False) -> dict[str, int]:
+    """Elements of each distinct tensor the `linears` read, by input (modules reading one tensor — q/k/v, gate/up —
+    share it; o_proj's input under sdpa is the attention's own saved output, counted with the attention).
+    `all_experts`: every copy of an expert module saves its own rows (full fine-tuning)."""
+    out: dict[str, int] = {}
+    for lin in linears:
+        if lin.input == "attn_out" and attention_output_is_the_input(s):
+            continue
+        n = int(tokens * lin.active * (lin.experts if all_experts else 1)) * lin.in_features
+        out[lin.input] = max(out.get(lin.input, 0), n)
+    return out
+
+
 class LoRA(Method):
     name = "lora"
     summary = "frozen 16-bit base, low-rank adapters A·B on the targeted linear modules"
@@ -46,15 +59,10 @@ class LoRA(Method):
     def projection_saved_bytes(self, s: Setup, tokens: int) -> tuple[int, dict]:
         targeted = s.targeted()
         total = sum(self.module_saved_bytes(s, lin, tokens) for lin in targeted)
-        shared = {}
         if s.adapter.dropout == 0:
             # without dropout lora_A saves its input itself, in the compute dtype: modules reading one tensor
             # (q/k/v, gate/up) share it, and the frozen base linears save nothing
-            for lin in targeted:
-                if lin.input == "attn_out" and attention_output_is_the_input(s):
-                    continue
-                shared[lin.input] = max(shared.get(lin.input, 0), int(tokens * lin.active) * lin.in_features)
-            total += s.compute_bytes * sum(shared.values())
+            total += s.compute_bytes * sum(distinct_inputs(s, targeted, tokens).values())
         return total, {"modules": [lin.name for lin in targeted], "rank": s.adapter.rank,
                        "dropout": s.adapter.dropout, "bytes": s.compute_bytes}
 

@@ -146,7 +146,7 @@ def test_an_unknown_architecture_is_described_then_traced(tmp_path, monkeypatch)
                      "loss": "full"}}))  # the calibration harness measures transformers' own loss
     monkeypatch.setattr(resolve, "_describer", describe)
     report = estimate_spec(load_spec(spec_path), base_dir=tmp_path)
-    assert report.model.needs_trace and not report.model.shape.calibrated
+    assert report.model.described and not report.model.shape.calibrated
     assert any("'gpt_neox' is not one the closed form knows" in n for n in report.model.notes)
     traced = trace_estimates(report, trace, automatic=True)
     assert set(traced.estimates) == {"full", "lora", "qlora", "dora", "qdora"}
