@@ -154,9 +154,6 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
 
 # --- describe: the structure of any architecture, for the planner's closed form ---------------------
 
-_NORM_WORDS = ("norm", "ln_", "layernorm")
-
-
 def _decoder_layers(model):
     """(path, ModuleList) of the decoder layers: the longest ModuleList of identically typed blocks."""
     import torch
@@ -190,7 +187,7 @@ def _linears(module):
             yield path, m, m.weight.shape[0], m.weight.shape[1]
 
 
-def _feeds(model, layer, vocab: int) -> dict[str, str] | None:
+def _feeds(model, layer) -> dict[str, str] | None:
     """Which tensor feeds each linear module of `layer`: a meta forward pass with hooks groups the
     modules that read the same tensor object. None when the forward pass cannot run on meta tensors."""
     import torch
@@ -232,41 +229,27 @@ def describe(config: dict) -> dict:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
     vocab = int(getattr(text, "vocab_size"))
     layer = layers[0]
-    feeds = _feeds(model, layer, vocab)
+    feeds = _feeds(model, layer)
     linears = []
     for lpath, m, n_in, n_out in _linears(layer):
         linears.append({"name": lpath.split(".")[-1], "path": lpath, "in_features": int(n_in),
                         "out_features": int(n_out), "bias": getattr(m, "bias", None) is not None,
-                        "input": feeds.get(lpath) if feeds else None, "kind": type(m).__name__})
+                        "input": feeds.get(lpath) if feeds else None})
     norms = []
     for npath, m in layer.named_modules():
         if npath and _is_norm(m):
             w = getattr(m, "weight", None)
-            norms.append({"path": npath, "class": type(m).__name__, "width": int(w.numel()) if w is not None else 0,
+            norms.append({"path": npath, "width": int(w.numel()) if w is not None else 0,
                           "bias": getattr(m, "bias", None) is not None,
                           "params": int(sum(p.numel() for p in m.parameters(recurse=False)))})
     layer_params = [int(sum(p.numel() for p in block.parameters())) for block in layers]
-    inside = {id(p) for p in layers.parameters()}
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     tied = head is not None and emb is not None and head.weight is emb.weight
-    positions, outside_norms, other = 0, [], 0
     max_pos = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    counted = {id(p) for p in emb.parameters()} | ({id(p) for p in head.parameters()} if head is not None else set())
-    for name, m in model.named_modules():
-        if m is emb or m is head or name.startswith(path + ".") or name == path:
-            continue
-        own = [p for p in m.parameters(recurse=False) if id(p) not in inside and id(p) not in counted]
-        if not own:
-            continue
-        counted |= {id(p) for p in own}
-        n = sum(p.numel() for p in own)
-        if isinstance(m, torch.nn.Embedding) and m.num_embeddings == max_pos:
-            positions += int(m.num_embeddings)  # a learned position embedding (GPT-2's wpe)
-        elif _is_norm(m):
-            outside_norms.append({"path": name, "class": type(m).__name__, "params": int(n)})
-        else:
-            other += int(n)
+    positions = sum(int(m.num_embeddings) for name, m in model.named_modules()  # a learned one: GPT-2's wpe
+                    if isinstance(m, torch.nn.Embedding) and m is not emb and m.num_embeddings == max_pos
+                    and name != path and not name.startswith(path + "."))
     unique = {id(p): p.numel() for p in model.parameters()}
     heads = int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0))
     kv = getattr(text, "num_key_value_heads", None)
@@ -281,8 +264,6 @@ def describe(config: dict) -> dict:
              if isinstance(v, (int, float)) and not isinstance(v, bool) and ("dropout" in k or "pdrop" in k)}
     return {
         "model_type": str(config.get("model_type")),
-        "class": type(model).__name__,
-        "layers_path": path,
         "num_layers": len(layers),
         "layer_params": layer_params,
         "hidden_size": hidden,
@@ -298,13 +279,9 @@ def describe(config: dict) -> dict:
         "linears": linears,
         "inputs_from": "forward" if feeds else "names",
         "norms": norms,
-        "embedding_params": int(sum(p.numel() for p in emb.parameters())),
         "learned_positions": positions,
         "tie_embeddings": bool(tied),
-        "lm_head_params": 0 if head is None or tied else int(head.weight.numel()),
         "lm_head_bias": head is not None and getattr(head, "bias", None) is not None,
-        "outside_norms": outside_norms,
-        "other_params": other,
         "parameters": int(sum(unique.values())),
         "seconds": time.perf_counter() - t0,
     }
