@@ -232,6 +232,7 @@ def measure(run: Run, root: Path, steps: int = 3, target_modules: list[str] | No
     else:
         hwm = rss_high_water_bytes()
         result["rss_peak_delta"] = (hwm - rss0) if (hwm and rss0) else None
+        result["measured_static"] = int(mode.baseline)  # model tensors and optimizer state at the step's start
         result["device"] = "cpu"
     return result
 

@@ -126,19 +126,25 @@ def _convert(module: nn.Module, compute_dtype: torch.dtype | None) -> None:
 # ---------------------------------------------------------------------------------------------- forward
 
 
+def _quant_state(buf: dict, name: str, expert: int, shape: tuple[int, int], dtype: torch.dtype):
+    """bitsandbytes' QuantState of one expert's NF4 matrix `name` (double quantization: nested absmax)."""
+    from bitsandbytes.functional import QuantState
+
+    state2 = QuantState(absmax=buf[f"{name}_nf4_absmax2"][expert], code=buf["nf4_code2"],
+                        blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+    return QuantState(absmax=buf[f"{name}_nf4_absmax"][expert], shape=torch.Size(shape), code=buf["nf4_code"],
+                      blocksize=BLOCKSIZE, quant_type="nf4", dtype=dtype, offset=buf[f"{name}_nf4_offset"][expert],
+                      state2=state2)
+
+
 class NF4ExpertsMixin:
     """Forward of a converted experts module: routed tokens through each hit expert, de-quantized one at a time."""
 
     def nf4_linear(self, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         import bitsandbytes as bnb
-        from bitsandbytes.functional import QuantState
 
         buf = self._buffers
-        state2 = QuantState(absmax=buf[f"{name}_nf4_absmax2"][expert], code=buf["nf4_code2"],
-                            blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-        state = QuantState(absmax=buf[f"{name}_nf4_absmax"][expert], shape=torch.Size(self._nf4_shapes[name]),
-                           code=buf["nf4_code"], blocksize=BLOCKSIZE, quant_type="nf4", dtype=self._nf4_dtype,
-                           offset=buf[f"{name}_nf4_offset"][expert], state2=state2)
+        state = _quant_state(buf, name, expert, self._nf4_shapes[name], self._nf4_dtype)
         in_dtype = x.dtype
         if self._nf4_compute_dtype is not None:
             x = x.to(self._nf4_compute_dtype)
@@ -216,7 +222,9 @@ def quantize_experts(model: nn.Module, setup) -> nn.Module:
     """For qlora/qdora: every fused experts module of `model` in NF4 (double quantization); others unchanged."""
     if getattr(setup, "method", None) not in QUANTIZED:
         return model
-    compute = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setup.dtype]
+    from .model import torch_dtype
+
+    compute = torch_dtype(setup.dtype)
     for module in list(model.modules()):
         if is_experts(module) and not isinstance(module, NF4ExpertsMixin):
             _convert(module, compute)
@@ -254,7 +262,6 @@ def quantizing_experts_on_load(setup):
 def dequantize_experts(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Back to fused 16-bit parameters (the weights the adapters were trained against), for merging."""
     import bitsandbytes.functional as bnbf
-    from bitsandbytes.functional import QuantState
 
     for module in list(model.modules()):
         if isinstance(module, NF4Llama4MoeMixin):
@@ -265,12 +272,7 @@ def dequantize_experts(model: nn.Module, dtype: torch.dtype | None = None) -> nn
         for name, (out_f, in_f) in module._nf4_shapes.items():
             mats = []
             for e in range(module.num_experts):
-                state2 = QuantState(absmax=buf[f"{name}_nf4_absmax2"][e], code=buf["nf4_code2"],
-                                    blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-                state = QuantState(absmax=buf[f"{name}_nf4_absmax"][e], shape=torch.Size((out_f, in_f)),
-                                   code=buf["nf4_code"], blocksize=BLOCKSIZE, quant_type="nf4",
-                                   dtype=dtype or module._nf4_dtype, offset=buf[f"{name}_nf4_offset"][e],
-                                   state2=state2)
+                state = _quant_state(buf, name, e, (out_f, in_f), dtype or module._nf4_dtype)
                 w = bnbf.dequantize_4bit(buf[f"{name}_nf4_data"][e], state)
                 mats.append(w.t() if transposed else w)
             for key in _BUFFERS:
@@ -281,15 +283,6 @@ def dequantize_experts(model: nn.Module, dtype: torch.dtype | None = None) -> nn
         del module._nf4_shapes
         module.__class__ = module._nf4_base
     return model
-
-
-def expert_storage_bytes(model: nn.Module) -> int:
-    """Bytes of the NF4 expert storage (data, absmax, nested absmax, offsets and codes)."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, NF4ExpertsMixin):
-            total += sum(b.numel() * b.element_size() for n, b in module._buffers.items() if "nf4" in n)
-    return total
 
 
 def adapter_targets(model: nn.Module, target_modules):
