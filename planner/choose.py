@@ -156,7 +156,12 @@ def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: li
     t = spec.training
     attention = report.resolved.setup.geometry.attention
     mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
-    gcs = [t.gradient_checkpointing] if t.gradient_checkpointing is not None else [False, True]
+    if t.gradient_checkpointing is not None:
+        gcs = [t.gradient_checkpointing]
+    elif t.activation_offloading and not report.hardware.device.is_cpu:
+        gcs = [True]  # what offloading moves are the checkpointed layer inputs
+    else:
+        gcs = [False, True]
     opts = [t.optimizer] if t.optimizer else list(OPTIMIZERS)
     for mb in mbs:
         for gc in gcs:
@@ -399,10 +404,11 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
 
     if not viable:
         considered = {m: c for m, c in best.items() if m in allowed}
-        if all(c.fits for c in considered.values()):  # memory is fine: time or cost is over the objective's caps
-            result.suggestions = meet_the_caps(spec, report, considered, measured, float(hypers[allowed[0]]["epochs"].value))
+        fitting = {m: c for m, c in considered.items() if c.fits}
+        if fitting:  # memory is fine for these: their time or cost is over the objective's caps
+            result.suggestions = meet_the_caps(spec, report, fitting, measured, float(hypers[allowed[0]]["epochs"].value))
             result.suggestions_for = "caps"
-            raise NothingFits(caps_headline(spec, considered), result)
+            raise NothingFits(caps_headline(spec, fitting), result)
         result.suggestions = what_would_fit(spec, report, considered)
         raise NothingFits(nothing_fits_headline(report, considered, spec.method.name), result)
 
@@ -434,7 +440,10 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
                               steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
                                               chosen.devices, float(hyper["eval_fraction"].value)))
     reasons += _packing_reasons(spec, chosen, measured) + _offload_reasons(spec, chosen, all_cands[chosen.method])
-    margin = rules.with_margin(chosen, [c for c in all_cands[chosen.method] if c.fits], report.usable_bytes)[1]
+    # the pool _best chose from: the chosen adapter settings, offloading only where it pays
+    pool = _offload_where_it_pays([c for c in all_cands[chosen.method]
+                                   if c.fits and c.setup.adapter == chosen.setup.adapter])
+    margin = rules.with_margin(chosen, pool, report.usable_bytes)[1]
     if margin is None and chosen.needed_bytes > rules.TIGHT_FRACTION * report.usable_bytes:
         result.warnings.append(f"the plan fills {chosen.needed_bytes / report.usable_bytes:.0%} of the usable memory "
                                "and no roomier geometry is nearly as fast: a few percent of estimate error would "

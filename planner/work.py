@@ -81,7 +81,8 @@ class StepWork:
 def multiplied_weights(s: Setup) -> tuple[float, float]:
     """(weights multiplied per token in the decoder layers, in the output head)."""
     sh = s.shape
-    layers = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active for lin in sh.linears)
+    layers = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active * lin.layer_share
+                                 for lin in sh.linears)
     return float(layers), float(sh.vocab_size * sh.hidden_size)
 
 
@@ -98,25 +99,14 @@ def optimizer_bytes(method: str, s: Setup, optimizer: str | None = None, shards:
                     trainable_bytes: int | None = None) -> tuple[float, float]:
     """(bytes the optimizer step moves on one device, bytes one more accumulated micro-step moves), per the module
     docstring; `trainable_bytes` overrides the stored bytes per trainable element (4 for FSDP's fp32 upcast)."""
-    name = optimizer or s.optimizer
-    # the planner asks for the same trainable tensors for every geometry: remember them per shape and adapter
-    key = (method, id(s.shape), s.adapter, s.dtype, s.adapters_in_compute_dtype, name, trainable_bytes)
-    hit = _OPTIMIZER_MEMO.get(key)
-    if hit is None or hit[0] is not s.shape:
-        mult, extra = OPTIMIZER_TRAFFIC.get(name, OPTIMIZER_TRAFFIC["adamw_torch"])
-        step = stored = 0.0
-        for t in METHODS[method].trainable_tensors(s):
-            e = trainable_bytes or t.bytes_per
-            step += t.elements * (mult * e + extra)
-            stored += t.elements * e
-        if len(_OPTIMIZER_MEMO) > 512:
-            _OPTIMIZER_MEMO.clear()
-        hit = _OPTIMIZER_MEMO[key] = (s.shape, step, stored)
+    mult, extra = OPTIMIZER_TRAFFIC.get(optimizer or s.optimizer, OPTIMIZER_TRAFFIC["adamw_torch"])
+    step = stored = 0.0
+    for t in METHODS[method].trainable_tensors(s):
+        e = trainable_bytes or t.bytes_per
+        step += t.elements * (mult * e + extra)
+        stored += t.elements * e
     n = max(shards, 1)
-    return hit[1] / n, 3 * hit[2] / n
-
-
-_OPTIMIZER_MEMO: dict = {}  # key -> (the shape, so its id stays its own, step bytes, stored bytes)
+    return step / n, 3 * stored / n
 
 
 def step_work(method: str, s: Setup, tokens: float, pairs: float, *, optimizer: str | None = None, shards: int = 1,
@@ -138,10 +128,11 @@ def step_work(method: str, s: Setup, tokens: float, pairs: float, *, optimizer: 
         r = s.adapter.rank
         targeted = s.targeted()  # computed once: peft's matching of target_modules
         thin = sh.num_layers * sum(2 * r * (lin.in_features + lin.out_features) * lin.experts * lin.active
-                                   for lin in targeted)
+                                   * lin.layer_share for lin in targeted)
         matmul += thin * tokens * (3 + (1 if gc else 0))
         if m.dora and s.adapter.dropout > 0:
-            w = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active for lin in targeted)
+            w = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active * lin.layer_share
+                                    for lin in targeted)
             matmul += (6 if gc else 4) * w * tokens
             share = (6 if gc else 4) * w / ((4 + (2 if gc else 0)) * n)
             notes.append(f"DoRA with dropout {s.adapter.dropout:g}: every adapted module's base matmul runs again on "
@@ -149,11 +140,11 @@ def step_work(method: str, s: Setup, tokens: float, pairs: float, *, optimizer: 
         if m.dora:
             passes = 2 if gc else 1
             per = sum((2 * lin.in_features ** 2 * r + (2 * r + 3) * lin.in_features * lin.out_features) * lin.experts
-                      for lin in targeted)
+                      * lin.layer_share for lin in targeted)
             weight_flops = passes * sh.num_layers * per
             stored = 2.5 if m.quantized else s.compute_bytes  # QDoRA de-quantizes W for the norm
             per_bytes = sum(((stored + DORA_BYTES_OVER_WEIGHT) * lin.in_features * lin.out_features
-                             + 8 * lin.in_features ** 2) * lin.experts for lin in targeted)
+                             + 8 * lin.in_features ** 2) * lin.experts * lin.layer_share for lin in targeted)
             dora_bytes = passes * sh.num_layers * per_bytes
             notes.append(f"DoRA: the weight norm is recomputed every forward pass ({passes}× per micro-step): "
                          f"{dora_bytes / 1e9:.1f} GB of memory traffic")
@@ -164,7 +155,8 @@ def step_work(method: str, s: Setup, tokens: float, pairs: float, *, optimizer: 
                  f"pair, backward {back:g}× it{', recomputed' if gc else ''})")
     dequant = 0.0
     if m.quantized:
-        quantized = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts for lin in sh.linears)
+        quantized = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.layer_share
+                                        for lin in sh.linears)
         passes = 3 if gc else 2
         dequant = passes * DEQUANT_BYTES * quantized
         notes.append(f"4-bit: every pass de-quantizes the weights ({passes}× per micro-step, "

@@ -192,6 +192,35 @@ def test_a_dense_model_that_writes_zero_experts_plans():
     assert r.chosen.fits and r.report.model.shape.num_experts == 0
 
 
+def test_caps_missed_while_another_method_does_not_fit_get_time_advice():
+    # 70B on 8 × A100: full fine-tuning does not fit, the adapter methods fit but none within half an hour —
+    # the answer is about time (packing, epochs, devices), not a shorter sequence
+    spec = base(model={"name": "meta-llama/Llama-3.1-70B"}, hardware={"gpu": "A100-80GB", "count": 8},
+                objective={"max_hours": 0.5}, data={"num_examples": 20000, "seq_len": 4096})
+    with pytest.raises(NothingFits) as exc:
+        plan_spec(spec)
+    plan = exc.value.plan
+    assert not plan.best["full"].fits and plan.best["lora"].fits
+    assert plan.suggestions_for == "caps"
+    assert "full" not in str(exc.value).split(":")[0] and "objective.max_hours = 0.5" in str(exc.value)
+
+
+def test_forced_activation_offloading_turns_checkpointing_on():
+    # offloading moves the checkpointed layer inputs: without checkpointing there is nothing it would move
+    r = plan_spec(base(training={"activation_offloading": True}))
+    assert r.chosen.setup.offload and r.chosen.setup.geometry.gradient_checkpointing
+
+
+def test_a_tight_plan_is_said_even_when_an_unused_variant_is_roomier():
+    # 8B LoRA on a 40 GB card at 1024 tokens: the recipe's r=64 fills ~98% of the usable memory; an r=16
+    # candidate that the planner does not take (the recipe's rank fits) must not hide the warning
+    r = plan_spec(base(hardware={"gpu": "A100-40GB"}, data={"num_examples": 2000, "seq_len": 1024}))
+    fill = r.chosen.needed_bytes / r.report.usable_bytes
+    assert r.chosen.setup.adapter.rank == 64
+    assert fill > 0.95
+    assert any("of the usable memory" in w for w in r.warnings), r.warnings
+
+
 def test_objective_limits_reject_slow_plans():
     with pytest.raises(NothingFits) as exc:
         plan_spec(base(objective={"max_hours": 0.01}))

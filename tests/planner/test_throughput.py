@@ -227,3 +227,21 @@ def test_without_lengths_every_row_is_full():
     assert tm.tokens == 1000 * 2048 * 2 and tm.count.padding_ratio == pytest.approx(1.0)
     assert tm.optimizer_steps == 2 * math.ceil(1000 / 16)
     assert any("avg_tokens not set" in a for a in tm.assumptions)
+
+
+@pytest.mark.parametrize("model_id,active", [
+    ("meta-llama/Llama-4-Maverick-17B-128E", 17e9),  # "17B active" (Meta); MoE on every other layer
+    ("meta-llama/Llama-4-Scout-17B-16E", 17e9),
+    ("mistralai/Mixtral-8x7B-v0.1", 12.9e9),  # "12.9B active parameters per token" (mistral.ai)
+])
+def test_weights_multiplied_per_token_are_the_published_active_parameters(model_id, active):
+    # active parameters = the decoder weights a token meets + the output head + the input embeddings (looked up,
+    # not multiplied): a module on only some layers (Maverick's experts) counts for those layers only
+    from types import SimpleNamespace
+
+    from peftplan.planner import catalog, shape_from_config
+    from peftplan.planner.work import multiplied_weights
+
+    shape = shape_from_config(dict(catalog.find_model(model_id).config))
+    decoder, head = multiplied_weights(SimpleNamespace(shape=shape))
+    assert decoder + head + shape.vocab_size * shape.hidden_size == pytest.approx(active, rel=0.02)
