@@ -1,19 +1,21 @@
 """`peftplan plan`: candidates, fit, choice with reasons.
 
 Candidates are method × adapter variant × micro-batch × gradient checkpointing × optimizer (32-bit, 8-bit,
-paged) × parallelism at the device's precision; keys the user set are fixed. Within a method the fastest
-fitting candidate wins (ties: exact optimizer state, fewer devices, simpler parallelism, less memory).
-Across methods, `rules.preference` orders them and the numbers decide. One function per concern:
+paged) × parallelism × packing × activation offloading at the device's precision; keys the user set are fixed.
+Within a method the fastest fitting candidate wins (ties: exact optimizer state, fewer devices, simpler
+parallelism, less memory; then rules.with_margin). Across methods, `rules.preference` orders them and the numbers
+decide. One function per concern:
 
-- `_adapter_variants`  the adapter settings a method is tried with (DoRA: its dropout, and without it)
-- `_geometries`        micro-batch × checkpointing × optimizer × parallelism, the spec's keys fixed
+- `_adapter_variants`  the adapter settings a method is tried with (DoRA without its dropout; the fallback rank)
+- `_geometries`        micro-batch × checkpointing × optimizer × parallelism × packing × offloading
 - `_candidate`         one candidate: sharded memory, fit, paging, time and cost
-- `_time`              the throughput model's time plus what the plan adds: utilization, communication,
-                       paging (and, until the fitted time model is wired in, DoRA's dropout matmul)
+- `_time`              the fitted time model (planner/throughput.py) plus what the plan adds: communication,
+                       paging, activation offloading
 - `_best`, `_bests`    a method's best candidate (and DoRA's without dropout)
 - `_choose`            across methods: rules.preference, then the numbers
 
-Nothing fits: planner/advice.py. The plan's explanations and warnings: planner/explain.py, planner/caveats.py.
+Nothing fits: planner/advice.py; caps missed: planner/time_advice.py. The plan's explanations and warnings:
+planner/explain.py, planner/caveats.py.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ class PlanResult:
 
 
 # --- candidates ------------------------------------------------------------------------------------
-def _adapter_variants(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice]) -> list[AdapterSettings]:
+def _adapter_variants(report: EstimateReport, method: str, hyper: dict[str, Choice]) -> list[AdapterSettings]:
     """The adapter settings to try: the chosen ones; for DoRA with a dropout the user did not set, also none."""
     base = report.resolved.setup.adapter
     if not METHODS[method].adapter:
@@ -182,7 +184,7 @@ def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str
     effective = int(hyper["effective_batch_size"].value)
     topo = topology(report.hardware.device, report.hardware.count, report.hardware.nodes, spec.hardware.network_gbps)
     return [_candidate(spec, report, method, hyper, adapter, geometry, topo, lengths)
-            for adapter in _adapter_variants(spec, report, method, hyper)
+            for adapter in _adapter_variants(report, method, hyper)
             for geometry in _geometries(spec, report, effective, _packings(spec, lengths))]
 
 
@@ -364,7 +366,7 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     situation = rules.Situation(priority=spec.objective.priority, num_examples=spec.data.num_examples)
     methods = list(METHODS)  # all five are shown; a method set in the spec is the only one chosen from
     hypers = {m: choose_hyperparameters(m, n_params, spec.data.num_examples, spec.method, spec.training,
-                                        spec.objective.priority, devices=report.devices,
+                                        devices=report.devices,
                                         spec_eval_fraction=spec.data.eval_fraction, scarce=situation.scarce,
                                         eval_path=getattr(spec.data, "eval_path", None) is not None)
               for m in methods}
@@ -468,7 +470,7 @@ def _packing_reasons(spec: Spec, c: Candidate, lengths: Lengths | None) -> list[
     """Why packing is on or off, when the planner chose it."""
     if spec.data.packing is not None or lengths is None:
         return []
-    pays, why = packing_pays(lengths, c.setup.geometry.seq_len, c.micro_batch)
+    pays, why = packing_pays(lengths, c.micro_batch)
     state = "on" if c.packing else "off"
     return [f"packing {state}: {why}" + ("" if pays == c.packing else "; the time model's totals decided")]
 

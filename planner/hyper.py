@@ -172,7 +172,7 @@ def step_warning(recipe: Recipe, recipe_lr: float, ratio: float, lr: float) -> s
 
 
 def choose_hyperparameters(method: str, parameters: int, num_examples: int | None, spec_method, spec_training,
-                           objective: str, *, devices: int = 1, spec_eval_fraction: float | None = None,
+                           *, devices: int = 1, spec_eval_fraction: float | None = None,
                            scarce: bool = False, eval_path: bool = False) -> dict[str, Choice]:
     """Every hyperparameter with its reason; a key the user set is kept and marked."""
     b = billions(parameters)

@@ -4,7 +4,7 @@
     lengths = Lengths.from_mean(300, seq_len=2048)                        # only a mean: log-normal, SIGMA below
     count = count_tokens(lengths, num_examples=20_000, seq_len=2048, micro_batch=4, accumulation=4,
                          packing=False, attention="sdpa")
-    count.computed_tokens, count.optimizer_steps, packing_gain(lengths, 2048, 4)
+    count.computed_tokens, count.optimizer_steps, packing_gain(lengths, 4)
 
 What the runtime does (runtime/data.py, transformers 5.23's Trainer and masking_utils):
 
@@ -247,16 +247,16 @@ def count_tokens(lengths: Lengths, *, num_examples: int, seq_len: int, micro_bat
                       steps, real, computed, pairs, tuple(notes))
 
 
-def packing_gain(lengths: Lengths, seq_len: int, micro_batch: int) -> float:
+def packing_gain(lengths: Lengths, micro_batch: int) -> float:
     """Computed positions without packing ÷ with packing (per example; ≥ PACKING_PAYS: packing pays)."""
     padded = lengths.expected_max(micro_batch)
     packed = lengths.mean  # packed rows compute each real token once (plus one partial row per epoch)
     return padded / packed
 
 
-def packing_pays(lengths: Lengths, seq_len: int, micro_batch: int) -> tuple[bool, str]:
+def packing_pays(lengths: Lengths, micro_batch: int) -> tuple[bool, str]:
     """Whether packing is worth turning on, and why, for the plan's reasons."""
-    gain = packing_gain(lengths, seq_len, micro_batch)
+    gain = packing_gain(lengths, micro_batch)
     verdict = gain >= PACKING_PAYS
     return verdict, (f"without packing each micro-batch of {micro_batch} is padded to its longest row: "
                      f"{gain:.2f}× the positions of packed rows ({'≥' if verdict else '<'} {PACKING_PAYS:g}: "

@@ -199,16 +199,20 @@ def test_mixtral_advice_names_nvidia_devices_only():
     assert any("adapters skip the experts" in w for w in warnings)
 
 
-def test_mixtral_4bit_caveat_agrees_with_the_estimate():
-    """The 16-bit-experts caveat is there exactly when the 4-bit estimate leaves the experts in 16-bit: it goes
-    away by itself once the runtime (and so the estimate) quantizes them."""
+@pytest.mark.parametrize("runtime_quantizes_experts", [True, False])
+def test_mixtral_4bit_caveat_agrees_with_the_estimate(monkeypatch, runtime_quantizes_experts):
+    """The 16-bit-experts caveat is there exactly when the 4-bit estimate leaves the experts in 16-bit: absent with
+    the runtime's NF4 experts, said when a runtime leaves them in 16-bit (assumptions.QUANTIZE_FUSED_EXPERTS)."""
+    from peftplan.planner import assumptions
     from peftplan.planner.caveats import quantized_params
 
+    monkeypatch.setattr(assumptions, "QUANTIZE_FUSED_EXPERTS", runtime_quantizes_experts)
     rep = estimate_spec(load_spec(REVIEW / "mixtral-8x7b-lora-a100.toml"))
     experts = 32 * 8 * 3 * 4096 * 14336  # layers × experts × (gate, up, down) × h × i = 45.1B
     dense_linears = 32 * (4096 * 4096 * 2 + 4096 * 1024 * 2)  # attention q, o, k, v
     left_in_16bit = quantized_params(rep.estimates["qlora"]) < dense_linears + experts
     said = any("expert weights in 16-bit" in p.message for p in rep.resolved.warnings)
+    assert left_in_16bit == (not runtime_quantizes_experts)
     assert said == left_in_16bit
 
 

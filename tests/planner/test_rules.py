@@ -24,7 +24,7 @@ def spec(**over):
 
 def hp(name, params=8.03e9, n=10_000, devices=1, scarce=False, **over):
     s = spec(**over)
-    return hyper.choose_hyperparameters(name, int(params), n, s.method, s.training, "balanced", devices=devices,
+    return hyper.choose_hyperparameters(name, int(params), n, s.method, s.training, devices=devices,
                                         spec_eval_fraction=s.data.eval_fraction, scarce=scarce)
 
 

@@ -134,15 +134,15 @@ def test_packing_never_computes_more_when_lengths_vary():
         assert packed.computed_tokens <= padded.computed_tokens + (2048 if b == 1 else 0)
         assert packed.optimizer_steps <= padded.optimizer_steps
     # more rows per micro-batch pad more
-    gains = [packing_gain(lengths, 2048, b) for b in (1, 2, 4, 8, 16)]
+    gains = [packing_gain(lengths, b) for b in (1, 2, 4, 8, 16)]
     assert gains == sorted(gains) and gains[0] == pytest.approx(1.0)
 
 
 def test_packing_pays_only_when_lengths_vary():
     same = Lengths.from_counts([300] * 10, seq_len=2048)
-    assert packing_pays(same, 2048, 8)[0] is False
+    assert packing_pays(same, 8)[0] is False
     varied = Lengths.from_mean(300, 2048)
-    pays, why = packing_pays(varied, 2048, 4)
+    pays, why = packing_pays(varied, 4)
     assert pays and "pays" in why
 
 

@@ -65,7 +65,16 @@ def close(a, b, rtol=1e-5):
 
 
 def test_chunk_rule_hand_computed():
+    """The runtime's rule, and the planner's copy of it (planner/loss.py: the planner never imports the runtime),
+    against the same hand-computed chunks."""
+    from peftplan.planner.loss import chunk_tokens as planned
+
     assert CHUNK_BUDGET_BYTES == 268_435_456
+    for rule in (chunk_tokens, planned):
+        _hand_computed_chunks(rule)
+
+
+def _hand_computed_chunks(chunk_tokens):
     assert chunk_tokens(128_256, 2) == 256  # 268435456 / (128256 · 6) = 348.8 → 256
     assert chunk_tokens(128_256, 4) == 256  # / (128256 · 8) = 261.6 → 256
     assert chunk_tokens(32_000, 2) == 1024  # / 192000 = 1398 → 1024
