@@ -14,7 +14,7 @@ from ..schemas import Spec
 from . import assumptions as A
 from . import catalog, rules
 from .memory import estimate
-from .paging import catalog_fact, needed_bytes
+from .paging import needed_bytes
 from .parallel import shard
 from .report import EstimateReport
 from .terms import gib
@@ -85,7 +85,7 @@ def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
 def _larger_device(smallest: "Candidate") -> str:
     need = smallest.estimate.device_total_bytes  # on another device: everything resident, nothing paged
     usable = (1 - A.FIT_HEADROOM_FRACTION)
-    devices = [d for d in catalog.devices() if rules.advisable(catalog_fact(d, "vendor"))]
+    devices = [d for d in catalog.devices() if rules.advisable(d.vendor)]
     for dev in sorted(devices, key=lambda d: d.memory_bytes):
         if need <= dev.memory_bytes * usable:
             return (f"a larger device: {dev.id} ({dev.memory_bytes / 2**30:.0f} GiB) holds {smallest.describe()} "

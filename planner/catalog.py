@@ -52,6 +52,9 @@ class Device:
     price_date: str | None
     source: str
     is_cpu: bool = False
+    vendor: str | None = None  # "nvidia" | "amd" (rules.advisable)
+    pcie_gen: int | None = None  # the host link's PCIe generation (paging, offloading)
+    compute_capability: str | None = None  # CUDA compute capability: the time model's generation
 
     @property
     def kind(self) -> str:
@@ -227,6 +230,9 @@ def devices() -> tuple[Device, ...]:
                 price_usd_per_hour=g.get("price_usd_per_hour"),
                 price_date=g.get("price_date"),
                 source=g["source"],
+                vendor=g.get("vendor"),
+                pcie_gen=int(g["pcie_gen"]) if g.get("pcie_gen") is not None else None,
+                compute_capability=str(g["compute_capability"]) if "compute_capability" in g else None,
             )
         )
     return tuple(out)

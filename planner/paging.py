@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import catalog
 from .catalog import Device
 from .memory import MemoryEstimate
 
@@ -31,20 +30,12 @@ DEFAULT_PCIE_GEN = 4  # devices not in the catalog
 LINK_EFFICIENCY = (1.0, 0.5, 0.25)  # best, middle, worst share of the link that page migration reaches
 
 
-def catalog_fact(device: Device, key: str, default=None):
-    """A field of the device's catalog entry that `catalog.Device` does not carry (vendor, pcie_gen)."""
-    for entry in catalog._raw_devices():
-        if entry["id"] == device.id:
-            return entry.get(key, default)
-    return default
-
-
 def host_link_gbps(device: Device) -> tuple[float, str]:
     """Bandwidth between the device and host memory, per direction, and where it comes from."""
-    gen = catalog_fact(device, "pcie_gen")
+    gen = device.pcie_gen
     if gen is None:
         return PCIE_X16_GBPS[DEFAULT_PCIE_GEN], f"PCIe Gen{DEFAULT_PCIE_GEN} x16 assumed"
-    return PCIE_X16_GBPS[int(gen)], f"PCIe Gen{gen} x16"
+    return PCIE_X16_GBPS[gen], f"PCIe Gen{gen} x16"
 
 
 def evictable_bytes(est: MemoryEstimate, device: Device) -> int:

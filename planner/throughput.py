@@ -46,7 +46,6 @@ from .tokens import Lengths, TokenCount, count_tokens
 from .work import StepWork, step_work
 
 FIT_FILE = Path(__file__).with_name("data") / "throughput_fit.toml"
-CATALOG_FILE = Path(__file__).with_name("data") / "gpus.toml"
 ASSUMED_FLOPS_PER_BYTE = 150.0  # a device without a known bandwidth: an A100's ratio (312 TFLOPS / 2.04 TB/s)
 
 
@@ -82,19 +81,12 @@ class Coefficients:
             return "cpu"
         if device.id in self.devices:
             return self.devices[device.id]
-        return self.by_capability.get(_compute_capabilities().get(device.id, ""), "unknown")
+        return self.by_capability.get(device.compute_capability or "", "unknown")
 
     def generation(self, device: Device) -> Generation:
         name = self.generation_name(device)
         return self.generations.get(name) or Generation(name, self.generations["ampere"].factor, "assumed",
                                                         "no generation known for this device: Ampere's")
-
-
-@lru_cache(maxsize=1)
-def _compute_capabilities() -> dict:
-    """Catalog device id -> its CUDA compute capability (planner/data/gpus.toml), which names its generation."""
-    with open(CATALOG_FILE, "rb") as fh:
-        return {g["id"]: str(g["compute_capability"]) for g in tomllib.load(fh)["gpus"] if "compute_capability" in g}
 
 
 def load_coefficients(path: Path = FIT_FILE) -> Coefficients:

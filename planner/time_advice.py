@@ -15,7 +15,7 @@ from ..schemas import Spec
 from . import assumptions as A
 from . import catalog, rules
 from .memory import estimate
-from .paging import catalog_fact, needed_bytes
+from .paging import needed_bytes
 from .report import EstimateReport
 from .terms import duration
 from .throughput import estimate_time, full_rows
@@ -118,7 +118,7 @@ def _cheapest_device(spec: Spec, report: EstimateReport, c: "Candidate", lengths
     options = []
     est = estimate(c.method, replace(c.setup, device_kind="cuda"))  # the same on every device
     for dev in catalog.devices():
-        if dev.id == report.hardware.device.id or dev.price_usd_per_hour is None or not rules.advisable(catalog_fact(dev, "vendor")):
+        if dev.id == report.hardware.device.id or dev.price_usd_per_hour is None or not rules.advisable(dev.vendor):
             continue
         if needed_bytes(est, dev) > dev.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION):
             continue
