@@ -12,7 +12,7 @@ DTensor shards counted by their local storage, FSDP2's in-place storage resizes 
 active from before wrapping so DDP's gradient buckets and FSDP's buffers count; the row records the
 larger of the two ranks.
 
-The prediction is planner.parallel.shard(estimate(...), "ddp" | "fsdp", 2) for the same setup: what
+The prediction is planner.parallel.per_device(method, setup, "ddp" | "fsdp", 2) for the same setup: what
 `peftplan plan` / `estimate` report per device for that run.
 """
 
@@ -40,11 +40,11 @@ PROCESSES = 2
 
 def predict(run: Run, parallelism: str) -> dict:
     from peftplan.planner import estimate
-    from peftplan.planner.parallel import shard
+    from peftplan.planner.parallel import per_device
 
     s = setup_of(run, "cpu")
     single = estimate(run.method, s)
-    est = shard(single, s, parallelism, PROCESSES, run.method in ("qlora", "qdora"))
+    est = per_device(run.method, s, parallelism, PROCESSES)
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_single": single.peak_allocated_bytes,
             **{f"pred_{k}": v for k, v in est.components().items()}}
 

@@ -25,8 +25,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from peftplan.planner.parallel import shard
-from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
+from peftplan.planner.parallel import per_device
+from peftplan.planner import AdapterSettings, Geometry, Setup, shape_from_config
 from peftplan.planner import assumptions as A
 from peftplan.planner.shapes import UnsupportedArchitecture
 from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
@@ -133,9 +133,7 @@ def build(row: dict):
     setup = Setup(shape, Geometry(int(row["micro_batch_size"]), int(seq), bool(gc), 1, attention, padded),
                   AdapterSettings(rank, alpha, dropout, target_arg), optimizer=optimizer, dtype=dtype,
                   device_kind="cuda", loss=loss, offload=bool(offload))
-    est = estimate(row["method"], setup)
-    if devices > 1 and parallelism != "single":
-        est = shard(est, setup, parallelism, devices, row["method"] in ("qlora", "qdora"))
+    est = per_device(row["method"], setup, parallelism, devices)
     adapter = row["method"] != "full"
     fields = dict(catalog_model=cat.id, seq_len=seq, gradient_checkpointing=gc, optimizer=optimizer, dtype=dtype,
                   attention=attention, padded=padded, loss=loss, offload=bool(offload),

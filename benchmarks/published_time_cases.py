@@ -227,7 +227,7 @@ def _case(row: dict) -> Case:
     if devices > 1 and par != "single":
         topo = topology(device, devices, 1, None)
         single = estimate(row["method"], setup)
-        comm = comm_seconds_per_step(single, setup, par, topo, METHODS[row["method"]].quantized) * (1 - COMM_OVERLAP)
+        comm = comm_seconds_per_step(single, setup, par, topo) * (1 - COMM_OVERLAP)
         notes.append(f"{par} over {devices}: {comm:.2f} s of communication per step not hidden (planner.parallel)")
     return replace(case, method=row["method"], setup=setup, device=device, precision=precision, devices=devices,
                    parallelism=par, accumulation=accumulation, positions=positions, pairs=pairs, counted=counted,

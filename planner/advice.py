@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 from ..schemas import Spec
 from . import assumptions as A
 from . import catalog, rules
-from .memory import estimate
 from .paging import needed_bytes
-from .parallel import shard
+from .parallel import per_device
 from .report import EstimateReport
 from .terms import gib
 
@@ -53,7 +52,7 @@ def _shorter_sequence(report: EstimateReport, smallest: "Candidate") -> str | No
         seq //= 2
         s = replace(smallest.setup, geometry=replace(smallest.setup.geometry, seq_len=seq, micro_batch_size=1,
                                                      gradient_checkpointing=True))
-        ok, need = _fits(report, estimate(smallest.method, s))
+        ok, need = _fits(report, per_device(smallest.method, s, smallest.parallelism, smallest.devices))
         if ok:
             return (f"data.seq_len = {seq} with {smallest.method} (micro-batch 1, gradient checkpointing) fits at "
                     f"{gib(need)}")
@@ -65,17 +64,16 @@ def _four_bit_base(spec: Spec, report: EstimateReport, smallest: "Candidate") ->
         return None
     q = replace(smallest.setup, geometry=replace(smallest.setup.geometry, micro_batch_size=1,
                                                  gradient_checkpointing=True))
-    ok, need = _fits(report, estimate("qlora", q))
+    ok, need = _fits(report, per_device("qlora", q, smallest.parallelism, smallest.devices))
     return f"method.name = \"qlora\" (4-bit base) needs {gib(need)}: {'fits' if ok else 'would not fit either'}"
 
 
 def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
-    single = estimate(smallest.method, smallest.setup)
     have = report.hardware.count * report.hardware.nodes
     for n in DEVICE_COUNTS:
         if n <= have:
             continue
-        ok, need = _fits(report, shard(single, smallest.setup, "fsdp", n, smallest.method in ("qlora", "qdora")))
+        ok, need = _fits(report, per_device(smallest.method, smallest.setup, "fsdp", n))
         if ok:
             return (f"hardware.count = {n} (or nodes × count = {n}) {report.hardware.device.id} with FSDP: "
                     f"{smallest.method} needs {gib(need)} per device")

@@ -31,7 +31,7 @@ from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_e
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import PagingCost, host_link_gbps, needed_bytes, paging_cost
-from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, shard, topology
+from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, engine_setup, shard, topology
 from .report import EstimateReport, estimate_spec
 from .terms import AdapterSettings, Setup, duration, gib
 from .throughput import TimeEstimate, estimate_time, full_rows, lengths_for_mean
@@ -200,9 +200,9 @@ def _candidate(spec: Spec, report: EstimateReport, method: str, hyper: dict[str,
     masked = not (packing and base.geometry.attention == "flash_attention_2")
     g = replace(base.geometry, micro_batch_size=mb, gradient_checkpointing=gc, gradient_accumulation_steps=accumulation,
                 padded=masked)
-    s = replace(base, geometry=g, optimizer=opt, adapter=adapter, offload=offload)
+    s = engine_setup(replace(base, geometry=g, optimizer=opt, adapter=adapter, offload=offload), method, par, used)
     single = estimate(method, s)
-    est = shard(single, s, par, used, METHODS[method].quantized)
+    est = shard(single, s, par, used)
     need = needed_bytes(est, dev)
     fits = need <= report.usable_bytes
     paged = paging_cost(est, dev, report.usable_bytes) if fits else None
@@ -237,7 +237,7 @@ def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: Mem
     steps = tm.optimizer_steps
     notes = list(tm.assumptions)
     extra = [0.0, 0.0, 0.0]  # best, middle, worst
-    comm = steps * comm_seconds_per_step(single, s, par, topo, METHODS[method].quantized) * (1 - COMM_OVERLAP)
+    comm = steps * comm_seconds_per_step(single, s, par, topo) * (1 - COMM_OVERLAP)
     if comm:
         extra = [x + comm for x in extra]
         notes.append(f"{par}: ~{duration(comm)} of communication not hidden by compute over "

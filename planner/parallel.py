@@ -84,92 +84,144 @@ def root_leftover_bytes(s: Setup) -> int:
 BACKWARD_PHASES = ("layer", "recompute")
 
 
-def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quantized: bool) -> MemoryEstimate:
-    """The per-device estimate of `single` under `parallelism` over `devices` devices: the static terms
-    re-sharded, each moment of the step re-evaluated with the buffers the engine adds there, the largest
-    moment kept."""
+@dataclass(frozen=True)
+class Engine:
+    """What an engine splits over the devices (the table above)."""
+    shards_weights: bool  # weights, quantization constants and adapters /N (FSDP, ZeRO-3)
+    shards_states: bool  # gradients and optimizer state /N (all but DDP)
+    fp32_master: bool  # DeepSpeed's optimizer keeps an fp32 copy of every trainable parameter
+
+
+ENGINES = {
+    "ddp": Engine(shards_weights=False, shards_states=False, fp32_master=False),
+    "fsdp": Engine(shards_weights=True, shards_states=True, fp32_master=False),
+    "deepspeed-zero2": Engine(shards_weights=False, shards_states=True, fp32_master=True),
+    "deepspeed-zero3": Engine(shards_weights=True, shards_states=True, fp32_master=True),
+}
+
+
+@dataclass(frozen=True)
+class Buffers:
+    """What an engine adds to the moments of a step."""
+    always: tuple[Term, ...] = ()  # every moment of forward and backward
+    at_loss: tuple[Term, ...] = ()  # the loss and the lm_head's backward
+    in_backward: tuple[Term, ...] = ()  # inside the decoder layers' backward
+
+
+def engine_setup(s: Setup, method: str, parallelism: str, devices: int) -> Setup:
+    """The setup as the engine runs it: FSDP2's mixed-precision policy runs the fp32 adapters in the compute
+    dtype, which changes what they save."""
+    fsdp_mixed = parallelism == "fsdp" and devices > 1 and s.dtype != "float32"
+    if fsdp_mixed and METHODS[method].adapter and not s.adapters_in_compute_dtype:
+        return replace(s, adapters_in_compute_dtype=True)
+    return s
+
+
+def per_device(method: str, s: Setup, parallelism: str, devices: int) -> MemoryEstimate:
+    """The estimate on each device in one pass: the setup as the engine runs it, the method's terms at each moment
+    of the step (planner/memory.py), then those moments sharded with the engine's buffers (`shard`)."""
+    s = engine_setup(s, method, parallelism, devices)
+    return shard(estimate(method, s), s, parallelism, devices)
+
+
+def _upcast(s: Setup, method: str, parallelism: str) -> float:
+    """accelerate's fsdp2_prepare_model upcasts trainable 16-bit parameters to fp32 under mixed precision (fp32
+    sharded weights, gradients and optimizer state); adapters are fp32 already, 4-bit bases frozen."""
+    if parallelism == "fsdp" and s.dtype != "float32" and method == "full" and A.FSDP_UPCASTS_TRAINABLE:
+        return 4 / METHODS["full"].weight_bytes(s)
+    return 1
+
+
+def _resharded(t: Term, engine: Engine, n: int, upcast: float, param_state: bool) -> Term:
+    c = t.component
+    shards = (engine.shards_weights and c in ("weights", "quant_constants", "adapter")) \
+        or (engine.shards_states and c in ("optimizer", "paged_optimizer", "gradients"))
+    up = upcast != 1 and (c in ("weights", "gradients") or (c == "optimizer" and param_state))
+    if not shards and not up:
+        return t
+    notes = (["fp32 under FSDP mixed precision"] if up else []) + ([f"sharded /{n}"] if shards else [])
+    formula = t.formula + (f" × {upcast:g}" if up else "") + (f" / {n}" if shards else "")
+    # NF4 MoE experts are buffers of their module (runtime/moe.py): FSDP2 and ZeRO-3 shard parameters only
+    whole = 0
+    if shards:
+        whole = t.inputs.get("P_experts", 0) // 2 if c == "weights" else \
+            t.inputs.get("experts", 0) if c == "quant_constants" else 0
+    if whole:
+        notes.append("NF4 experts whole on every device")
+        formula += " (experts unsharded)"
+    sharded = (t.bytes - whole) * (upcast if up else 1) / (n if shards else 1) + whole
+    return Term(c, f"{t.label} ({', '.join(notes)})", int(sharded), formula, t.inputs)
+
+
+def _buffers(single: MemoryEstimate, s: Setup, parallelism: str) -> Buffers:
+    h = s.shape.hidden_size
+    quantized = METHODS[single.method].quantized
+    if parallelism == "ddp":
+        grads = sum(t.bytes for t in single.terms if t.component == trained_component(single.method))
+        return Buffers(always=(Term("transient", "DDP gradient buckets", grads,
+                                    "= gradient bytes (gradient_as_bucket_view off)", {"bytes": grads}),))
+    if parallelism == "deepspeed-zero2":
+        return Buffers(always=(Term("transient", "ZeRO-2 reduce bucket (h² elements, 16-bit)", h * h * 2, "h² × 2",
+                                    {"h": h}),))
+    layer = layer_weight_bytes(s, quantized)
+    if parallelism == "deepspeed-zero3":
+        prefetch = int(0.9 * h * h) * 2
+        return Buffers(always=(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
+                                    "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}),))
+    return _fsdp_buffers(s, layer, full_ft=single.method == "full")
+
+
+def _fsdp_buffers(s: Setup, layer: int, full_ft: bool) -> Buffers:
+    tail, rest = tail_weight_bytes(s), root_leftover_bytes(s)
+    always = (Term("transient", "FSDP root unit gathered (position embeddings)", rest,
+                   "positions × h × compute bytes", {"bytes": rest}),) if rest else ()
+    # The chunked loss runs inside the lm_head's own call (runtime/loss.py), where FSDP2 has gathered it; with an
+    # untied head the two-rank calibration measures the tail's bytes twice at that moment (the all-gather's output
+    # and the unsharded parameter view it fills); a tied head is the root unit's embedding, gathered once.
+    copies = 2 if s.loss == "chunked" and not s.shape.tie_embeddings else 1
+    at_loss = (Term("transient", "FSDP tail unit gathered (lm_head, final norm)", copies * tail,
+                    f"{copies} × (V·h + norm) × compute bytes", {"bytes": tail, "copies": copies}),)
+    backward = [Term("transient", "FSDP gathered layers in backward (current + prefetched)", 2 * layer,
+                     "2 × one layer's weights", {"layer_bytes": layer})]
+    if full_ft:
+        backward.append(Term("transient", "FSDP one layer's unsharded gradients (reduce-scatter input)", layer,
+                             "one layer's weights", {"layer_bytes": layer}))
+    return Buffers(always=always, at_loss=at_loss, in_backward=tuple(backward))
+
+
+def trained_component(method: str) -> str:
+    """The component whose bytes are the trainable weights (and their gradients): the adapter, or all weights."""
+    return "adapter" if METHODS[method].adapter else "weights"
+
+
+def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int) -> MemoryEstimate:
+    """The per-device estimate of `single` (estimated on `engine_setup(s, ...)`) under `parallelism` over `devices`
+    devices: the static terms re-sharded, each moment of the step with the buffers the engine adds there, the
+    largest moment kept."""
     if parallelism == "single" or devices == 1:
         return single
-    n = devices
-    h = s.shape.hidden_size
-    full_ft = single.method == "full"
-    fsdp = parallelism == "fsdp"
-    mixed = s.dtype != "float32"
-    if fsdp and mixed and not full_ft and not s.adapters_in_compute_dtype:
-        # FSDP2's mixed-precision policy casts the adapters to the compute dtype: their activations change
-        s = replace(s, adapters_in_compute_dtype=True)
-        single = estimate(single.method, s)
-    # accelerate's fsdp2_prepare_model upcasts trainable 16-bit parameters to fp32 under mixed precision
-    # (fp32 sharded weights, gradients and optimizer state); adapters are fp32 already, 4-bit bases frozen
-    upcast = 4 / METHODS["full"].weight_bytes(s) if (fsdp and mixed and full_ft and A.FSDP_UPCASTS_TRAINABLE) else 1
+    if engine_setup(s, single.method, parallelism, devices) is not s:
+        raise ValueError("estimate an FSDP run on parallel.engine_setup(...)'s setup (or use per_device)")
+    n, engine = devices, ENGINES[parallelism]
+    upcast = _upcast(s, single.method, parallelism)
     param_state = A.OPTIMIZER_STATES[s.optimizer][0] == "param"
-
-    def resharded(t: Term) -> Term:
-        c = t.component
-        shards = (c in ("weights", "quant_constants", "adapter") and parallelism in ("fsdp", "deepspeed-zero3")) \
-            or (c in ("optimizer", "paged_optimizer", "gradients") and parallelism != "ddp")
-        up = upcast != 1 and (c in ("weights", "gradients") or (c == "optimizer" and param_state))
-        if not shards and not up:
-            return t
-        notes = (["fp32 under FSDP mixed precision"] if up else []) + ([f"sharded /{n}"] if shards else [])
-        formula = t.formula + (f" × {upcast:g}" if up else "") + (f" / {n}" if shards else "")
-        # NF4 MoE experts are buffers of their module (runtime/moe.py): FSDP2 and ZeRO-3 shard parameters only
-        whole = (t.inputs.get("P_experts", 0) // 2 if c == "weights" else t.inputs.get("experts", 0)
-                 if c == "quant_constants" else 0) if shards else 0
-        if whole:
-            notes.append("NF4 experts whole on every device")
-            formula += " (experts unsharded)"
-        sharded = (t.bytes - whole) * (upcast if up else 1) / (n if shards else 1) + whole
-        return Term(c, f"{t.label} ({', '.join(notes)})", int(sharded), formula, t.inputs)
-
-    static = [resharded(t) for t in single.terms if t.component in STATIC]
-    params = single.trainable_parameters
-    weights16 = sum(t.bytes for t in single.terms if t.component == "weights") if full_ft else \
-        sum(t.bytes for t in single.terms if t.component == "adapter")
-    extras: list[Term] = []  # at every moment of forward and backward
-    loss_extras: list[Term] = []  # at the loss, and the lm_head's backward
-    backward_extras: list[Term] = []  # inside the decoder layers' backward
-    if parallelism.startswith("deepspeed"):  # fp32 master copy of every trainable parameter, sharded
+    static = [_resharded(t, engine, n, upcast, param_state) for t in single.terms if t.component in STATIC]
+    if engine.fp32_master:
+        params = single.trainable_parameters
         static.append(Term("optimizer", f"DeepSpeed fp32 master weights (sharded /{n})", 4 * params // n,
                            "4 × N_trainable / devices", {"N": params, "devices": n}))
-    if parallelism == "ddp":
-        extras.append(Term("transient", "DDP gradient buckets", weights16,
-                           "= gradient bytes (gradient_as_bucket_view off)", {"bytes": weights16}))
-    elif fsdp:
-        tail, rest, layer = tail_weight_bytes(s), root_leftover_bytes(s), layer_weight_bytes(s, quantized)
-        if rest:
-            extras.append(Term("transient", "FSDP root unit gathered (position embeddings)", rest,
-                               "positions × h × compute bytes", {"bytes": rest}))
-        # The chunked loss runs inside the lm_head's own call (runtime/loss.py), where FSDP2 has gathered it; with
-        # an untied head the two-rank calibration measures the tail's bytes twice at that moment (the all-gather's
-        # output and the unsharded parameter view it fills); a tied head is the root unit's embedding, gathered once.
-        copies = 2 if s.loss == "chunked" and not s.shape.tie_embeddings else 1
-        loss_extras.append(Term("transient", "FSDP tail unit gathered (lm_head, final norm)", copies * tail,
-                                f"{copies} × (V·h + norm) × compute bytes", {"bytes": tail, "copies": copies}))
-        backward_extras.append(Term("transient", "FSDP gathered layers in backward (current + prefetched)",
-                                    2 * layer, "2 × one layer's weights", {"layer_bytes": layer}))
-        if full_ft:
-            backward_extras.append(Term("transient", "FSDP one layer's unsharded gradients (reduce-scatter input)",
-                                        layer, "one layer's weights", {"layer_bytes": layer}))
-    elif parallelism == "deepspeed-zero2":
-        bucket = h * h * 2
-        extras.append(Term("transient", "ZeRO-2 reduce bucket (h² elements, 16-bit)", bucket, "h² × 2", {"h": h}))
-    elif parallelism == "deepspeed-zero3":
-        layer = layer_weight_bytes(s, quantized)
-        prefetch = int(0.9 * h * h) * 2
-        extras.append(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
-                           "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}))
-
+    buffers = _buffers(single, s, parallelism)
     # an estimate built elsewhere (exact mode) may carry only its peak moment
     phase_terms = single.phase_terms or {single.phase: tuple(t for t in single.terms
                                                              if t.component not in STATIC + ("overhead",))}
     moments: dict[str, list[Term]] = {}
     for name, dyn in phase_terms.items():
-        terms = [resharded(t) if t.component == "gradients" else t for t in dyn]
-        if fsdp and name == "optimizer":
+        terms = [_resharded(t, engine, n, upcast, param_state) if t.component == "gradients" else t for t in dyn]
+        if parallelism == "fsdp" and name == "optimizer":
             moments[name] = terms  # the root is resharded after backward
         else:
-            moments[name] = terms + extras + (backward_extras if name in BACKWARD_PHASES else loss_extras)
+            moments[name] = [*terms, *buffers.always,
+                             *(buffers.in_backward if name in BACKWARD_PHASES else buffers.at_loss)]
     totals = {k: sum(int(t.bytes) for t in ts) for k, ts in moments.items()}
     phase = max(totals, key=lambda k: totals[k])
     out = static + moments[phase]
@@ -181,17 +233,15 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int, quan
                           phase_terms=moments)
 
 
-def comm_seconds_per_step(single: MemoryEstimate, s: Setup, parallelism: str, topo: Topology,
-                          quantized: bool) -> float:
+def comm_seconds_per_step(single: MemoryEstimate, s: Setup, parallelism: str, topo: Topology) -> float:
     """Seconds of communication per optimizer step (before overlap)."""
     n = topo.devices
     if parallelism == "single" or n == 1 or topo.ring_gbps <= 0:
         return 0.0
     bw = topo.ring_gbps * 1e9
     frac = (n - 1) / n
-    grads = sum(t.bytes for t in single.terms if t.component == "adapter") if single.method != "full" else \
-        sum(t.bytes for t in single.terms if t.component == "weights")
-    weights = layer_weight_bytes(s, quantized) * s.shape.num_layers
+    grads = sum(t.bytes for t in single.terms if t.component == trained_component(single.method))
+    weights = layer_weight_bytes(s, METHODS[single.method].quantized) * s.shape.num_layers
     micro = s.geometry.gradient_accumulation_steps
     if parallelism == "ddp":
         return 2 * frac * grads / bw

@@ -142,16 +142,14 @@ def peak_by_row_length(c) -> list[list[int]]:
     the shape it measured (interpolated between these), not only with full seq_len rows."""
     from dataclasses import replace
 
-    from .memory import estimate
-    from .methods import METHODS
-    from .parallel import shard
+    from .parallel import per_device
 
     g = c.setup.geometry
     lengths = sorted({max(8, g.seq_len >> k) for k in range(5)} | {g.seq_len})
     out = []
     for n in lengths:
         s = replace(c.setup, geometry=replace(g, seq_len=n))
-        est = shard(estimate(c.method, s), s, c.parallelism, c.devices, METHODS[c.method].quantized)
+        est = per_device(c.method, s, c.parallelism, c.devices)
         out.append([n, int(est.peak_allocated_bytes)])
     return out
 

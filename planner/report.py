@@ -11,7 +11,7 @@ from . import caveats
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import evictable_bytes
-from .parallel import shard
+from .parallel import per_device
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
 from .setup import Resolved, build_setup, method_adapter
 from .terms import COMPONENTS, Setup
@@ -138,7 +138,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     estimates, chosen = {}, {}
     for name, single in singles.items():
         for par in options:
-            est = shard(single, setups[name], par, devices, METHODS[name].quantized)
+            est = per_device(name, setups[name], par, devices)
             if report.fits(est) or par == options[-1]:
                 estimates[name], chosen[name] = est, par
                 break

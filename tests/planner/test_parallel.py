@@ -8,7 +8,7 @@ import pytest
 
 from peftplan.planner import AdapterSettings, Geometry, Setup, estimate, shape_from_config
 from peftplan.planner.choose import plan_spec
-from peftplan.planner.parallel import Topology, comm_seconds_per_step, shard
+from peftplan.planner.parallel import Topology, comm_seconds_per_step, per_device, shard
 from peftplan.schemas import load_spec, spec_from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def test_fsdp_full_fine_tuning_is_fp32_sharded():
     s = setup()
     P = shape_from_config(CFG).parameters
     one_est = estimate("full", s)
-    four = shard(one_est, s, "fsdp", 4, False)
+    four = shard(one_est, s, "fsdp", 4)
     c = by_component(four)
     assert abs(c["weights"] - 4 * P / 4) <= 8
     assert abs(c["optimizer"] - 2 * 4 * P / 4) <= 8
@@ -55,7 +55,7 @@ def test_fsdp_lora_shards_and_gathers_what_accelerate_gathers():
     s = setup()
     one_est = estimate("lora", s)
     one = by_component(one_est)
-    four = shard(one_est, s, "fsdp", 4, False)
+    four = per_device("lora", s, "fsdp", 4)
     c = by_component(four)
     P = shape_from_config(CFG).parameters
     assert abs(c["weights"] - 2 * P / 4) <= 1
@@ -94,7 +94,7 @@ def test_estimate_reports_per_device_numbers_and_each_methods_parallelism():
 def test_ddp_replicates_and_adds_gradient_buckets():
     s = setup()
     one = by_component(estimate("full", s))
-    two = by_component(shard(estimate("full", s), s, "ddp", 2, False))
+    two = by_component(shard(estimate("full", s), s, "ddp", 2))
     assert two["weights"] == one["weights"] and two["optimizer"] == one["optimizer"]
     assert two["transient"] - one.get("transient", 0) == one["weights"]  # buckets = gradient bytes (bf16)
 
@@ -102,7 +102,7 @@ def test_ddp_replicates_and_adds_gradient_buckets():
 def test_zero_keeps_an_fp32_master_copy():
     s = setup()
     est = estimate("lora", s)
-    z2 = by_component(shard(est, s, "deepspeed-zero2", 4, False))
+    z2 = by_component(shard(est, s, "deepspeed-zero2", 4))
     n = est.trainable_parameters
     assert abs(z2["optimizer"] - (8 * n / 4 + 4 * n / 4)) <= 2  # AdamW fp32 states + fp32 master, sharded
     assert z2["weights"] == by_component(est)["weights"]  # ZeRO-2 keeps weights whole
@@ -113,9 +113,9 @@ def test_comm_time_by_hand():
     est = estimate("full", s)
     topo = Topology(count=4, nodes=1, intra_gbps=100.0, inter_gbps=12.5)
     grads = 2 * shape_from_config(CFG).parameters
-    assert comm_seconds_per_step(est, s, "ddp", topo, False) == pytest.approx(2 * 3 / 4 * grads / 100e9)
+    assert comm_seconds_per_step(est, s, "ddp", topo) == pytest.approx(2 * 3 / 4 * grads / 100e9)
     two_nodes = Topology(count=4, nodes=2, intra_gbps=100.0, inter_gbps=12.5)
-    assert comm_seconds_per_step(est, s, "ddp", two_nodes, False) == pytest.approx(2 * 7 / 8 * grads / 12.5e9)
+    assert comm_seconds_per_step(est, s, "ddp", two_nodes) == pytest.approx(2 * 7 / 8 * grads / 12.5e9)
 
 
 @pytest.mark.parametrize("name,method,parallelism,devices", [
