@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -85,6 +86,9 @@ class Run:
     dtype: str = "bfloat16"
     scale: dict = field(default_factory=dict)  # config overrides (bigger models)
     loss: str = "chunked"  # the runtime's default (runtime/loss.py); "full": transformers' own loss
+    accumulation: int = 1  # micro-batches per optimizer step (gradients held through the later ones)
+    targets: tuple = ()  # adapter targets by name; () = all-linear
+    size: str = ""  # a name for the scaled config in the run id ("" : "m" for any scale, "v128k")
 
     def __post_init__(self):
         if self.family == "gemma2" and self.attention == "sdpa":
@@ -95,9 +99,12 @@ class Run:
 
     def key(self) -> str:
         size = "-v128k" if self.scale.get("vocab_size", 0) >= 100_000 else ("-m" if self.scale else "")
+        size = f"-{self.size}" if self.size else size
         return (f"{self.family}{size}-{self.method}-b{self.batch}s{self.seq}-gc{int(self.gc)}-do{self.dropout}"
                 f"-{self.attention}{'-pad' if self.padded else ''}-{self.optimizer}"
-                f"{'-fullloss' if self.loss == 'full' else ''}")
+                f"{'-fullloss' if self.loss == 'full' else ''}"
+                f"{f'-ga{self.accumulation}' if self.accumulation > 1 else ''}"
+                f"{'-t' + '+'.join(self.targets) if self.targets else ''}")
 
 
 def run_of(row: dict, cls=None) -> "Run":
@@ -106,7 +113,20 @@ def run_of(row: dict, cls=None) -> "Run":
                         gc=row["gradient_checkpointing"] == "True", dropout=float(row["lora_dropout"]),
                         attention=row["attention"], padded=row.get("padded") == "True", optimizer=row["optimizer"],
                         rank=int(row["rank"]), dtype=row["dtype"], scale=json.loads(row["config"]),
-                        loss=row.get("loss") or "full")
+                        loss=row.get("loss") or "full", accumulation=int(row.get("accumulation") or 1),
+                        targets=tuple((row.get("targets") or "").split()))
+
+
+# The held-out split of the dense tables (benchmarks/calibrate_fit.py reads it): a row whose run id's SHA-256 starts
+# with a byte below HELD_OUT_BYTE (77/256 = 30.1%) is "held-out", any other "fit"; rows measured after the constants
+# were fitted (--matrix holdout) are "new". Only "fit" rows may be used to fit anything.
+HELD_OUT_BYTE = 77
+SPLITS = ("fit", "held-out", "new")
+
+
+def split_of(run_id: str) -> str:
+    """The split of a row measured before the constants were fitted: the hash rule above."""
+    return "held-out" if hashlib.sha256(run_id.encode()).digest()[0] < HELD_OUT_BYTE else "fit"
 
 
 def repredict(path: Path, predict_row) -> str:
@@ -141,18 +161,21 @@ def build_model_dir(cfg: dict, root: Path) -> Path:
 
 
 def setup_of(run: Run, device_kind: str):
-    """The estimator's Setup for a calibration run (alpha = 2r, no accumulation)."""
+    """The estimator's Setup for a calibration run (alpha = 2r)."""
     from peftplan.planner import AdapterSettings, Geometry, Setup, shape_from_config
 
-    return Setup(shape_from_config(run.config()), Geometry(run.batch, run.seq, run.gc, 1, run.attention, run.padded),
-                 AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout), optimizer=run.optimizer,
-                 dtype=run.dtype, device_kind=device_kind, loss=run.loss)
+    geometry = Geometry(run.batch, run.seq, run.gc, run.accumulation, run.attention, run.padded)
+    adapter = AdapterSettings(rank=run.rank, alpha=2 * run.rank, dropout=run.dropout,
+                              target_modules=tuple(run.targets) if run.targets else "all-linear")
+    return Setup(shape_from_config(run.config()), geometry, adapter, optimizer=run.optimizer, dtype=run.dtype,
+                 device_kind=device_kind, loss=run.loss)
 
 
-def predict(run: Run) -> dict:
+def predict(run: Run, device_kind: str | None = None) -> dict:
+    """The estimator's prediction for `run`; `device_kind` None: where this process would measure (imports torch)."""
     from peftplan.planner import estimate
 
-    est = estimate(run.method, setup_of(run, "cuda" if _cuda() else "cpu"))
+    est = estimate(run.method, setup_of(run, device_kind or ("cuda" if _cuda() else "cpu")))
     return {"predicted_peak": est.peak_allocated_bytes, "predicted_total": est.device_total_bytes,
             "predicted_phase": est.phase, **{f"pred_{k}": v for k, v in est.components().items()}}
 
@@ -175,6 +198,7 @@ def measure(run: Run, root: Path, steps: int = 3, target_modules: list[str] | No
 
     path = build_model_dir(run.config(), root)
     cuda = _cuda()
+    target_modules = target_modules or list(run.targets)
     setup = MethodSetup(method=run.method, dtype=run.dtype, attention=run.attention, gradient_checkpointing=run.gc,
                         rank=run.rank, alpha=2 * run.rank, dropout=run.dropout,
                         **({"target_modules": target_modules} if target_modules else {}))
@@ -216,11 +240,12 @@ def measure(run: Run, root: Path, steps: int = 3, target_modules: list[str] | No
             mode = LiveTensorBytes(model_tensors(model) + state)
         ctx = mode if mode is not None else _null()
         with ctx:
-            with torch.autocast(device_type, dtype=getattr(torch, run.dtype), enabled=autocast):
-                out = model(**batch)
-            loss = out.loss
-            del out
-            loss.backward()
+            for _micro in range(run.accumulation):  # as the Trainer accumulates: each loss / N, backward, one step
+                with torch.autocast(device_type, dtype=getattr(torch, run.dtype), enabled=autocast):
+                    out = model(**batch)
+                loss = out.loss if run.accumulation == 1 else out.loss / run.accumulation
+                del out
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             del loss
@@ -279,7 +304,37 @@ LONG_VOCAB = dict(model_type="llama", hidden_size=128, intermediate_size=344, nu
                   max_position_embeddings=8192)
 
 
+# Measured after the constants of planner/assumptions.py were fitted (split "new", never fitted): what the other
+# matrices leave out. A wide MLP (8 × hidden) at few tokens, where the de-quantized weight of the largest NF4 linear
+# (2·h·i bytes) outweighs one layer's backward gradients (4·T·i bytes: h > 2T); QDoRA on the attention projections
+# only, so DoRA's weight-norm buffers (attention-sized) stay below the MLP's de-quantized weight.
+WIDE = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Deeper models of a small width: 16 and 12 layers, where the per-layer terms add up over depth.
+DEEP = {"llama": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=16, num_attention_heads=4,
+                      num_key_value_heads=2),
+        "gpt2": dict(n_embd=128, n_layer=12, n_head=4)}
+
+
+def holdout_runs() -> list[Run]:
+    runs = [Run("llama", m, gc=gc, accumulation=ga)  # gradient accumulation: gradients held through the forward
+            for m in ("lora", "qlora", "full") for ga in (2, 4) for gc in (False, True)]
+    runs += [Run("qwen2", m, batch=1, seq=256, gc=True, accumulation=2) for m in ("lora", "qlora", "full", "dora")]
+    runs += [Run("llama", "full", batch=2, seq=256, gc=True, accumulation=4, rank=16, scale=MEDIUM["llama"]),
+             Run("llama", "qlora", batch=1, seq=512, accumulation=2, rank=16, scale=MEDIUM["llama"])]
+    for gc in (False, True):  # the de-quantized weight as the largest transient
+        runs += [Run("llama", "qlora", batch=b, seq=s, gc=gc, scale=WIDE, size="wide") for b, s in ((1, 64), (2, 64))]
+        runs.append(Run("llama", "qdora", batch=1, seq=64, gc=gc, scale=WIDE, size="wide", targets=ATTENTION))
+    runs.append(Run("qwen2", "qlora", batch=1, seq=64, scale=WIDE, size="wide"))
+    for fam, scale in DEEP.items():  # depth
+        depth = scale.get("num_hidden_layers") or scale["n_layer"]
+        runs += [Run(fam, m, gc=gc, scale=scale, size=f"deep{depth}") for m in METHODS for gc in (False, True)]
+    return runs
+
+
 def matrix(name: str) -> list[Run]:
+    if name == "holdout":
+        return holdout_runs()
     if name == "loss":  # the loss step at a 128k vocabulary, chunked (the default) and transformers' full loss
         return [Run("llama", m, batch=b, seq=s, gc=gc, loss=loss, scale=LONG_VOCAB)
                 for m in ("lora", "qlora", "full") for b, s in ((1, 1024), (2, 2048)) for gc in (True, False)
@@ -314,7 +369,7 @@ def matrix(name: str) -> list[Run]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--matrix", default="quick", choices=("quick", "full", "medium", "loss"))
+    ap.add_argument("--matrix", default="quick", choices=("quick", "full", "medium", "loss", "holdout"))
     ap.add_argument("--family", action="append", help="only these families")
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration.csv")
@@ -324,7 +379,7 @@ def main(argv=None) -> int:
                     help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)
     if args.repredict:
-        print(repredict(Path(args.out), lambda row: predict(run_of(row))))
+        print(repredict(Path(args.out), lambda row: predict(run_of(row), row.get("device") or None)))
         return 0
     root = Path(args.models)
     root.mkdir(parents=True, exist_ok=True)
@@ -338,21 +393,26 @@ def main(argv=None) -> int:
             rows = list(csv.DictReader(fh))
         done = {r["run"] for r in rows}
         runs = [r for r in runs if r.key() not in done]
-    measure_all(runs, predict, measure, root, out, rows)
+    new = args.matrix == "holdout"
+    measure_all(runs, predict, measure, root, out, rows, split=lambda run: "new" if new else split_of(run.key()))
     return 0
 
 
 def measure_all(runs: list, predict_run, measure_run, root: Path, out: Path, rows: list[dict],
-                extra=lambda run: {}) -> None:
+                extra=lambda run: {}, split=None) -> None:
     """Measure each run, next to its prediction, appending to `rows` and rewriting `out` after every run (an
-    interrupted matrix continues with --resume). `extra(run)`: more columns for the row."""
+    interrupted matrix continues with --resume). `extra(run)`: more columns for the row; `split(run)`: its split
+    (fit | held-out | new; the dense tables)."""
     ver = versions()
     for n, run in enumerate(runs, 1):
         t0 = time.perf_counter()
-        row = {"run": run.key(), "family": run.family, "method": run.method, "batch": run.batch, "seq": run.seq,
-               "gradient_checkpointing": run.gc, "lora_dropout": run.dropout, "attention": run.attention,
-               "padded": run.padded, "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype,
-               "loss": run.loss, **extra(run), "config": json.dumps(run.config(), sort_keys=True)}
+        row = {"run": run.key(), **({"split": split(run)} if split else {}), "family": run.family,
+               "method": run.method, "batch": run.batch, "seq": run.seq, "gradient_checkpointing": run.gc,
+               "lora_dropout": run.dropout, "attention": run.attention, "padded": run.padded,
+               "optimizer": run.optimizer, "rank": run.rank, "dtype": run.dtype, "loss": run.loss,
+               **({"accumulation": run.accumulation} if run.accumulation > 1 or split else {}),
+               **({"targets": " ".join(run.targets)} if run.targets else {}), **extra(run),
+               "config": json.dumps(run.config(), sort_keys=True)}
         row.update(predict_run(run))
         row.update(measure_run(run, root))
         row["error"] = (row["predicted_peak"] - row["measured_peak"]) / row["measured_peak"]

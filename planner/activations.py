@@ -195,7 +195,7 @@ def backward_working_term(s: Setup, method: Method) -> Term:
     # the widest gradient inside the MLP: i, or 2i where gate and up are one fused projection (Phi-3)
     fused = max((l.out_features for l in sh.linears if l.input == "mlp_in" and l.is_linear), default=0)
     width = max(sh.hidden_size, sh.intermediate_size * (sh.experts_per_token or 1), fused)
-    narrower = getattr(method, "backward_working_width", lambda _s: None)(s)  # NF4 experts run one at a time
+    narrower = method.backward_working_width(s)  # NF4 experts run one at a time
     if narrower is not None:
         width = narrower
     c = method.backward_working_coefficient(sh.gated_mlp) + working_extra(sh)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..schemas import Spec
 from . import assumptions as A
 from . import catalog, rules
+from .methods import METHODS
 from .paging import needed_bytes
 from .parallel import per_device
 from .report import EstimateReport
@@ -60,7 +61,7 @@ def _shorter_sequence(report: EstimateReport, smallest: "Candidate") -> str | No
 
 
 def _four_bit_base(spec: Spec, report: EstimateReport, smallest: "Candidate") -> str | None:
-    if spec.method.name in ("auto", "qlora", "qdora"):
+    if spec.method.name == "auto" or METHODS[spec.method.name].quantized:
         return None
     q = replace(smallest.setup, geometry=replace(smallest.setup.geometry, micro_batch_size=1,
                                                  gradient_checkpointing=True))

@@ -31,7 +31,16 @@ from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_e
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import PagingCost, host_link_gbps, needed_bytes, paging_cost
-from .parallel import COMM_OVERLAP, PARALLELISMS, comm_seconds_per_step, engine_setup, shard, topology
+from .parallel import (
+    COMM_OVERLAP,
+    ENGINES,
+    PARALLELISMS,
+    comm_seconds_per_step,
+    engine_setup,
+    fsdp_upcast,
+    shard,
+    topology,
+)
 from .report import EstimateReport, estimate_spec
 from .terms import AdapterSettings, Setup, duration, gib
 from .throughput import TimeEstimate, estimate_time, full_rows, lengths_for_mean
@@ -226,9 +235,8 @@ def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: Mem
     time model (planner/throughput.py) plus what the plan adds: communication, paging, activation offloading."""
     dev, d = report.hardware.device, spec.data
     n = training_examples(d.num_examples or NOMINAL_EXAMPLES, eval_fraction)
-    sharded = par in ("fsdp", "deepspeed-zero2", "deepspeed-zero3")
-    # FSDP2 under mixed precision upcasts trainable 16-bit weights to fp32 (assumptions.FSDP_UPCASTS_TRAINABLE)
-    upcast = 4 if (par == "fsdp" and method == "full" and report.resolved.precision != "fp32") else None
+    sharded = par in ENGINES and ENGINES[par].shards_states  # each device steps the optimizer over its shard
+    upcast = 4 if fsdp_upcast(s, method, par) != 1 else None  # FSDP2 keeps trainable 16-bit weights in fp32
     tm = estimate_time(method, s, dev, report.resolved.precision, num_examples=n, epochs=epochs, packing=packing,
                        lengths=lengths or full_rows(s.geometry.seq_len), devices=used,
                        shards=used if sharded else 1, tflops=spec.hardware.tflops, trainable_bytes=upcast)
@@ -501,14 +509,13 @@ def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate]
         return c, [f"objective.priority = {prio}: {c.method} is the {'fastest' if prio == 'speed' else 'cheapest'} "
                    f"that fits ({what})"], None
     reasons: list[str] = []
-    sibling = {"dora": "lora", "qdora": "qlora"}  # DoRA's cost is judged against LoRA on the same base
     for method, why in rules.preference(situation):
         c = viable.get(method)
         if c is None:
             if method in best and not best[method].fits:
                 reasons.append(f"{method} was preferred here ({why}) but does not fit")
             continue
-        if method == "full":
+        if not METHODS[method].adapter:  # full fine-tuning wants plentiful memory
             spare = 1 - c.needed_bytes / usable
             if spare < rules.FULL_FT_MIN_HEADROOM and roomy_full is not None:
                 reasons.append(f"full fine-tuning's fastest geometry leaves {spare:.0%} of the device free; a roomier "
@@ -520,7 +527,7 @@ def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate]
                                f"(wants ≥ {rules.FULL_FT_MIN_HEADROOM:.0%}): not plentiful")
                 continue
         dropout_why = None
-        plain = viable.get(sibling.get(method, ""))
+        plain = viable.get(METHODS[method].plain or "")
         if plain is not None and _slower(c, plain, prio):
             p = c.setup.adapter.dropout
             slow = (f"{method}{f' with dropout {p:g}' if p else ''} would take {c.seconds / plain.seconds:.1f}x "

@@ -12,7 +12,7 @@ and the device overhead — the same formulas the closed form uses.
 from __future__ import annotations
 
 from .memory import MemoryEstimate, optimizer_state_bytes, overhead_terms
-from .methods import Tensors
+from .methods import METHODS, Tensors
 from .methods.nf4 import nf4_bytes
 from .terms import Setup, Term
 
@@ -24,8 +24,8 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
     train_bytes = sum(t.numel * t.bytes_per for t in tensors)
     terms: list[Term] = []
     frozen = traced["frozen_bytes"] + traced["buffer_bytes"]
-    quantized = method in ("qlora", "qdora")
-    if quantized:
+    m = METHODS[method]
+    if m.quantized:
         numels = traced["linear_weight_numels"]
         sixteen = sum(n * e for n in numels)
         data = sum(nf4_bytes(n)[0] for n in numels)
@@ -34,9 +34,9 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
                        "traced − 16-bit linears + NF4", {"linears": len(numels)}),
                   Term("quant_constants", "NF4 block constants", consts, "per tensor, as bitsandbytes stores them", {})]
     else:
-        terms.append(Term("weights", "frozen weights and buffers (traced)" if method != "full" else "buffers (traced)",
+        terms.append(Term("weights", "frozen weights and buffers (traced)" if m.adapter else "buffers (traced)",
                           frozen, "sum of traced tensors", {}))
-    if method == "full":
+    if not m.adapter:
         terms.append(Term("weights", "trainable weights (traced)", train_bytes, "sum of traced tensors", {"N": n_train}))
     else:
         terms.append(Term("adapter", "adapter weights (traced)", train_bytes, "sum of traced tensors", {"N": n_train}))
@@ -47,7 +47,7 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
                       traced["step_peak_bytes"], "measured on fake tensors", {"seconds": round(traced["seconds"], 2)}))
     if setup.geometry.gradient_accumulation_steps > 1:  # traced with them in its baseline (grads_held): once here
         terms.append(Term("gradients", "gradients held across accumulation", train_bytes, "N × bytes", {"N": n_train}))
-    if quantized and traced["linear_weight_numels"]:
+    if m.quantized and traced["linear_weight_numels"]:
         biggest = max(traced["linear_weight_numels"])
         terms.append(Term("transient", "largest de-quantized NF4 weight (analytic)", biggest * e, "n × e",
                           {"n": biggest}))

@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from math import ceil
 
+from .methods import METHODS
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -84,9 +86,10 @@ def billions(parameters: int) -> float:
 
 
 def recipe_for(method: str) -> Recipe | None:
-    if method == "full":
+    m = METHODS[method]
+    if not m.adapter:
         return None
-    return DORA if method in ("dora", "qdora") else QLORA
+    return DORA if m.dora else QLORA
 
 
 def effective_batch(num_examples: int | None, devices: int) -> Choice:

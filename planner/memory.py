@@ -170,7 +170,7 @@ def offloaded_checkpoint_term(s: Setup, ckpt: Term) -> Term:
 def _inner(m: Method, working: Term, transient: list[Term], s: Setup) -> list[Term]:
     """Short-lived buffers inside one layer at its worst moment: DoRA's weight-norm buffers add to the backward
     gradients (measured), except where the method says they do not (NF4 experts: planner/methods/nf4.py)."""
-    if m.dora and getattr(m, "transients_add_to_working", lambda _s: True)(s):
+    if m.dora and m.transients_add_to_working(s):
         return [working, *transient]
     return [max([working, *transient], key=lambda t: t.bytes)]
 

@@ -124,10 +124,10 @@ def per_device(method: str, s: Setup, parallelism: str, devices: int) -> MemoryE
     return shard(estimate(method, s), s, parallelism, devices)
 
 
-def _upcast(s: Setup, method: str, parallelism: str) -> float:
+def fsdp_upcast(s: Setup, method: str, parallelism: str) -> float:
     """accelerate's fsdp2_prepare_model upcasts trainable 16-bit parameters to fp32 under mixed precision (fp32
     sharded weights, gradients and optimizer state); adapters are fp32 already, 4-bit bases frozen."""
-    if parallelism == "fsdp" and s.dtype != "float32" and method == "full" and A.FSDP_UPCASTS_TRAINABLE:
+    if parallelism == "fsdp" and s.dtype != "float32" and not METHODS[method].adapter and A.FSDP_UPCASTS_TRAINABLE:
         return 4 / METHODS["full"].weight_bytes(s)
     return 1
 
@@ -168,7 +168,7 @@ def _buffers(single: MemoryEstimate, s: Setup, parallelism: str) -> Buffers:
         prefetch = int(0.9 * h * h) * 2
         return Buffers(always=(Term("transient", "ZeRO-3 gathered layer + prefetch bucket", layer + prefetch,
                                     "one layer + 0.9·h² × 2", {"layer_bytes": layer, "h": h}),))
-    return _fsdp_buffers(s, layer, full_ft=single.method == "full")
+    return _fsdp_buffers(s, layer, full_ft=not METHODS[single.method].adapter)
 
 
 def _fsdp_buffers(s: Setup, layer: int, full_ft: bool) -> Buffers:
@@ -198,12 +198,12 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int) -> M
     """The per-device estimate of `single` (estimated on `engine_setup(s, ...)`) under `parallelism` over `devices`
     devices: the static terms re-sharded, each moment of the step with the buffers the engine adds there, the
     largest moment kept."""
-    if parallelism == "single" or devices == 1:
+    if parallelism not in ENGINES or devices == 1:
         return single
     if engine_setup(s, single.method, parallelism, devices) is not s:
         raise ValueError("estimate an FSDP run on parallel.engine_setup(...)'s setup (or use per_device)")
     n, engine = devices, ENGINES[parallelism]
-    upcast = _upcast(s, single.method, parallelism)
+    upcast = fsdp_upcast(s, single.method, parallelism)
     param_state = A.OPTIMIZER_STATES[s.optimizer][0] == "param"
     static = [_resharded(t, engine, n, upcast, param_state) for t in single.terms if t.component in STATIC]
     if engine.fp32_master:

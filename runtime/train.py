@@ -1,4 +1,5 @@
-"""Train a planned project: `python train.py [--max-steps N] [--resume]` (the generated entry script).
+"""Train a planned project: `python train.py [--max-steps N] [--resume]` (the generated entry script);
+`python train.py --probe` measures one step at the plan's worst-case shape instead (runtime/probe.py).
 
 Order matters and is deliberate: the plan and the data are checked before the model loads (a bad
 record fails in seconds, not after a 10-minute download); the seed is set before the adapter is
@@ -23,6 +24,7 @@ from .tracking import TrackingError, start_tracking
 from .cli_args import positive
 
 EXIT_INPUT, EXIT_NAN = 2, 4
+EXIT_PROBE_NOFIT, EXIT_PROBE_TIGHT = 5, 6  # runtime/probe.py: the probe's step does not fit / fits within the headroom
 
 
 def parse_args(argv=None, default_config: Path | None = None):
@@ -33,27 +35,30 @@ def parse_args(argv=None, default_config: Path | None = None):
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     ap.add_argument("--data", default=None, help="override data.path (e.g. on the rented machine)")
     ap.add_argument("--output-dir", default=None, help="override output.dir")
+    ap.add_argument("--probe", action="store_true",
+                    help="measure one optimizer step at the plan's worst-case shape (micro-batch × full seq_len rows) "
+                         "against the device's memory and the plan's prediction; trains nothing, saves no weights; "
+                         f"exit {EXIT_PROBE_NOFIT} when it does not fit, {EXIT_PROBE_TIGHT} when it fits inside the "
+                         "planner's safety headroom")
     return ap.parse_args(argv)
 
 
-def build_trainer(config: RunConfig, data_override: str | None, max_steps: int | None, tracking=None):
-    import torch
-    from transformers import AutoTokenizer, TrainingArguments, set_seed
+def load_tokenizer(config: RunConfig):
+    from transformers import AutoTokenizer
 
-    from .callbacks import MetricsFile, PeakMemory, RichProgress
-    from .data import DataCollator, prepare_data
+    return AutoTokenizer.from_pretrained(resolve_path(config, config.model["name"]),
+                                         trust_remote_code=config.model["trust_remote_code"])
+
+
+def load_training_model(config: RunConfig):
+    """The model as training holds it: seeded, the plan's method applied (4-bit base for QLoRA/QDoRA), the chunked
+    loss installed, adapter inputs kept 16-bit under autocast. Returns (model, the chunked loss's report or None)."""
+    import torch
+    from transformers import set_seed
+
     from .model import MethodSetup, load_model
-    from .optim import TRAINER_OPTIM
 
     t, m = config.training, config.method
-    model_path = resolve_path(config, config.model["name"])
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=config.model["trust_remote_code"])
-    args = data_arguments(config, data_override)
-    data = prepare_data(args.pop("sources"), tokenizer, **args)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for note in data.notes:
-            say(f"data: {note}", sys.stdout)
-
     set_seed(t["seed"])  # before the adapter is created: same init, same run
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,7 +70,7 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
                         shard_quantized=config.launch.get("parallelism") in ("fsdp", "deepspeed-zero3"))
     sharded = config.launch.get("parallelism") in ("fsdp", "deepspeed-zero3")
     device_map = {"": local_rank} if (cuda and m["name"] in ("qlora", "qdora") and not sharded) else None
-    model = load_model(model_path, setup, device_map=device_map)
+    model = load_model(resolve_path(config, config.model["name"]), setup, device_map=device_map)
     loss = None
     if t["loss"] == "chunked":  # before accelerate / DDP / FSDP wrap the model (runtime/loss.py)
         from .loss import install
@@ -77,18 +82,21 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
         from .model import keep_adapter_inputs_16bit
 
         keep_adapter_inputs_16bit(model)
+    return model, loss
 
+
+def training_arguments(config: RunConfig, max_steps: int | None, evaluate: bool, tracking=None, **override):
+    """The Trainer's arguments for the plan; `override`: what the probe (runtime/probe.py) sets differently."""
+    import torch
+    from transformers import TrainingArguments
+
+    from .optim import TRAINER_OPTIM
+
+    t = config.training
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    from .data import token_stats
-
-    # real (non-padding) tokens per optimizer step: the mean example length, not the padded slots
-    mean_tokens = token_stats(data.train).mean_tokens or config.data["seq_len"]
-    tokens_per_step = int(t["micro_batch_size"] * t["gradient_accumulation_steps"] * mean_tokens * world)
-    out = config.output_dir
-    metrics = MetricsFile(out / "metrics.jsonl", tokens_per_step, config.prediction)
     precision = t["precision"]
-    args = TrainingArguments(
-        output_dir=str(out),
+    kwargs = dict(
+        output_dir=str(config.output_dir),
         per_device_train_batch_size=t["micro_batch_size"],
         per_device_eval_batch_size=t["micro_batch_size"],
         gradient_accumulation_steps=t["gradient_accumulation_steps"],
@@ -100,14 +108,14 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
         optim=TRAINER_OPTIM[t["optimizer"]],
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not cuda,
+        use_cpu=not torch.cuda.is_available(),
         logging_steps=t["logging_steps"],
         logging_first_step=True,
         save_strategy="steps",
         save_steps=t["save_steps"],
         save_total_limit=3,
-        eval_strategy="steps" if data.eval else "no",
-        eval_steps=t["save_steps"] if data.eval else None,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t["save_steps"] if evaluate else None,
         seed=t["seed"],
         data_seed=t["seed"],
         **(tracking.training_arguments() if tracking else {"report_to": []}),  # report_to, run_name
@@ -116,23 +124,27 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
     )
-    if config.launch.get("parallelism") == "fsdp" and not cuda:
+    kwargs.update(override)
+    return TrainingArguments(**kwargs)
+
+
+def make_trainer(config: RunConfig, model, args, tokenizer, train_dataset, eval_dataset, callbacks: list):
+    """The plan's Trainer (NaN guard first among the callbacks; activation offloading when the plan turns it on)."""
+    import torch
+
+    from .data import DataCollator
+
+    if config.launch.get("parallelism") == "fsdp" and not torch.cuda.is_available():
         from .cpu_fsdp import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
     cls = _trainer_class()
     guard = cls.NanGuard()
-    callbacks = [guard, metrics, PeakMemory(metrics)]
-    if sys.stdout.isatty():  # a live line for people; logs and CI get the Trainer's plain log lines
-        callbacks.append(RichProgress(tokens_per_step))
-    trainer = cls(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval or None,
+    trainer = cls(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                   data_collator=DataCollator.from_tokenizer(tokenizer), processing_class=tokenizer,
-                  callbacks=callbacks)
+                  callbacks=[guard, *callbacks])
     guard.trainer = trainer
-    if loss is not None and trainer.is_world_process_zero():
-        import dataclasses
-
-        metrics.write({"event": "loss", **dataclasses.asdict(loss)})
+    t = config.training
     if t["activation_offloading"]:
         if not t["gradient_checkpointing"]:
             say("warning: training.activation_offloading without gradient checkpointing offloads every saved "
@@ -140,6 +152,38 @@ def build_trainer(config: RunConfig, data_override: str | None, max_steps: int |
         from .offload import OffloadActivations
 
         trainer.offloader = OffloadActivations()
+    return trainer
+
+
+def build_trainer(config: RunConfig, data_override: str | None, max_steps: int | None, tracking=None):
+    from .callbacks import MetricsFile, PeakMemory, RichProgress
+    from .data import prepare_data
+
+    t = config.training
+    tokenizer = load_tokenizer(config)
+    args = data_arguments(config, data_override)
+    data = prepare_data(args.pop("sources"), tokenizer, **args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in data.notes:
+            say(f"data: {note}", sys.stdout)
+
+    model, loss = load_training_model(config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from .data import token_stats
+
+    # real (non-padding) tokens per optimizer step: the mean example length, not the padded slots
+    mean_tokens = token_stats(data.train).mean_tokens or config.data["seq_len"]
+    tokens_per_step = int(t["micro_batch_size"] * t["gradient_accumulation_steps"] * mean_tokens * world)
+    metrics = MetricsFile(config.output_dir / "metrics.jsonl", tokens_per_step, config.prediction)
+    args = training_arguments(config, max_steps, bool(data.eval), tracking)
+    callbacks = [metrics, PeakMemory(metrics)]
+    if sys.stdout.isatty():  # a live line for people; logs and CI get the Trainer's plain log lines
+        callbacks.append(RichProgress(tokens_per_step))
+    trainer = make_trainer(config, model, args, tokenizer, data.train, data.eval or None, callbacks)
+    if loss is not None and trainer.is_world_process_zero():
+        import dataclasses
+
+        metrics.write({"event": "loss", **dataclasses.asdict(loss)})
     return trainer, tokenizer, data, metrics
 
 
@@ -237,12 +281,20 @@ def main(argv=None, default_config: Path | None = None) -> int:
         say(problem)
         if problem.startswith("error"):
             return EXIT_INPUT
+    if args.probe and (args.resume or args.max_steps is not None or args.data):
+        say("error: --probe trains nothing and reads no data: it cannot be combined with --resume, --max-steps or "
+            "--data")
+        return EXIT_INPUT
     if int(os.environ.get("RANK", "0")) == 0:
         try:
             hold_run_lock(config.output_dir)
         except Busy as exc:
             say(f"error: {exc}")
             return EXIT_INPUT
+    if args.probe:  # no tracker, no data, no checkpoint: one measured step (runtime/probe.py)
+        from .probe import run_probe
+
+        return run_probe(config)
     try:  # before loading anything: a tracker that is not installed fails in seconds
         tracking = start_tracking(config.logging, config.output_dir, project=config.path.parent.resolve().name)
     except TrackingError as exc:  # one line per missing package, each with its pip command
@@ -281,7 +333,10 @@ def main(argv=None, default_config: Path | None = None) -> int:
         metrics.write({"event": "start", "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
                        "fsdp": bool(trainer.is_fsdp_enabled), "parallelism": config.launch.get("parallelism", "single"),
                        "train_examples": len(data.train), "eval_examples": len(data.eval), "format": data.format,
-                       "packed": data.packed, "dropped": data.dropped, "sources": data.sources})
+                       "packed": data.packed, "dropped": data.dropped, "sources": data.sources,
+                       # what `peftplan calibrate` keys a run's measured-vs-predicted records by
+                       "method": config.method["name"], "planned_device": config.prediction.get("device"),
+                       "device": device_name()})
     if resume is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming from {resume}")
     finished = resume is not None and checkpoint_is_final(resume)
@@ -307,6 +362,13 @@ def main(argv=None, default_config: Path | None = None) -> int:
         print(f"saved {final} and {config.output_dir / 'loss.png'}")
     _leave_process_group(wait=True)
     return 0
+
+
+def device_name() -> str:
+    """The device this process trains on, as `peftplan calibrate` keys it: the CUDA device's name, or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _leave_process_group(wait: bool) -> None:

@@ -32,10 +32,10 @@ class Tensors:
 
 class Method:
     name = "method"
-    summary = ""
-    adapter = False
-    quantized = False
-    dora = False
+    adapter = False  # trains adapters on a frozen base (else: every weight trains)
+    quantized = False  # the base is stored as 4-bit NF4
+    dora = False  # DoRA's magnitude and weight norm
+    plain: str | None = None  # the method without DoRA on the same base, which DoRA's cost is judged against
 
     # -- storage ----------------------------------------------------------------------------------
     def weight_bytes(self, s: Setup) -> int:
@@ -76,6 +76,14 @@ class Method:
 
     def trains_lm_head(self) -> bool:
         return False
+
+    def backward_working_width(self, s: Setup) -> int | None:
+        """The width of one MLP gradient in backward when narrower than the layer's (planner/methods/nf4.py)."""
+        return None
+
+    def transients_add_to_working(self, s: Setup) -> bool:
+        """Whether a layer's transient buffers (DoRA's weight norm) coexist with its backward gradients."""
+        return True
 
     def backward_working_coefficient(self, gated_mlp: bool) -> int:
         return A.BACKWARD_WORKING_BYTES["adapter" if gated_mlp else "adapter_plain_mlp"]

@@ -11,8 +11,8 @@ from .lora import LoRA
 
 class DoRA(LoRA):
     name = "dora"
-    summary = "LoRA with a learned magnitude vector (weight-decomposed); norm of W + s·BA every step"
     dora = True
+    plain = "lora"
 
     def trainable_tensors(self, s: Setup) -> list[Tensors]:
         out = super().trainable_tensors(s)

@@ -11,7 +11,6 @@ from .lora import distinct_inputs
 
 class Full(Method):
     name = "full"
-    summary = "all weights train (16-bit weights, gradients and optimizer state)"
 
     def weight_bytes(self, s: Setup) -> int:
         if s.dtype == "float16" and A.FULL_FT_MASTER_FP32_WITH_FP16:

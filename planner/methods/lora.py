@@ -29,7 +29,6 @@ def distinct_inputs(s: Setup, linears, tokens: int, all_experts: bool = False) -
 
 class LoRA(Method):
     name = "lora"
-    summary = "frozen 16-bit base, low-rank adapters A·B on the targeted linear modules"
     adapter = True
 
     def trainable_tensors(self, s: Setup) -> list[Tensors]:

@@ -88,7 +88,7 @@ class NF4Storage:
     def transients_add_to_working(self, s: Setup) -> bool:
         """Whether a layer's transient buffers (DoRA's weight norm) coexist with its backward gradients. With NF4
         experts the recompute peak is an expert's 4-bit matmul, after the attention's DoRA buffers are freed."""
-        return bool(getattr(self, "dora", False)) and not (s.shape.num_experts and quantized_experts(s))
+        return not (s.shape.num_experts and quantized_experts(s))
 
     def dequant_transient(self, s: Setup) -> Term:
         """The largest weight de-quantized at once: one nn.Linear, or one expert's matrix (never a fused tensor)."""

@@ -9,7 +9,7 @@ from .nf4 import NF4Storage
 
 class QDoRA(NF4Storage, DoRA):
     name = "qdora"
-    summary = "frozen 4-bit NF4 base with DoRA adapters (magnitude + direction)"
+    plain = "qlora"
 
     def layer_transient_terms(self, s: Setup, tokens: int) -> list[Term]:
         norm, dq = self.norm_transient(s), self.dequant_transient(s)

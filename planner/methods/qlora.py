@@ -9,7 +9,6 @@ from .nf4 import NF4Storage
 
 class QLoRA(NF4Storage, LoRA):
     name = "qlora"
-    summary = "frozen 4-bit NF4 base (double quantization), LoRA adapters in fp32"
 
     def layer_transient_terms(self, s: Setup, tokens: int) -> list[Term]:
         return [self.dequant_transient(s)]
