@@ -272,7 +272,6 @@ def phi(cfg: dict, model_type: str = "phi") -> ModelShape:
         gated_mlp=False,
         activation=str(_get(cfg, "hidden_act", default="gelu_new")),
         lm_head_bias=True,
-        parallel_block=True,
         dropouts={
             "residual": float(_get(cfg, "resid_pdrop", default=0.0)),
             "embedding": float(_get(cfg, "embd_pdrop", default=0.0)),
@@ -314,7 +313,6 @@ def falcon(cfg: dict, model_type: str = "falcon") -> ModelShape:
         norms_per_layer=2 if new_arch else (1 if parallel else 2),
         gated_mlp=False,
         activation=str(_get(cfg, "activation", default="gelu")),
-        parallel_block=parallel,
         calibrated=False,
         dropouts={
             "residual": float(_get(cfg, "hidden_dropout", default=0.0)),

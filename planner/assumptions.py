@@ -21,7 +21,6 @@ ADAPTER_BYTES = 4
 # the runtime turns that no-op round trip off in training (runtime/train.py keep_adapter_inputs_16bit): lora_A
 # saves the 16-bit input itself, shared by the modules that read it (q/k/v, gate/up), and the backward makes
 # no fp32 copies of the input gradients.
-AUTOCAST = True
 LORA_INPUTS_UNCAST = True
 
 # Full fine-tuning keeps weights, gradients and optimizer state in the training dtype ("pure bf16",
@@ -47,7 +46,6 @@ NF4_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 # output head (modules_to_not_convert = the tied/output embeddings) and norms stay in the compute
 # dtype. The runtime does not call peft's prepare_model_for_kbit_training, which would upcast all of
 # them to fp32 (+2 bytes per embedding parameter).
-QUANTIZE_ONLY_DECODER_LINEARS = True
 
 # MoE under qlora/qdora (runtime/moe.py). transformers 5 stores routed experts as fused 3-D parameters
 # (Mixtral, Qwen3-MoE, OLMoE, GraniteMoE: gate_up_proj [E, 2I, H], down_proj [E, H, I]; gpt-oss and

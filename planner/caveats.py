@@ -3,7 +3,7 @@ method and the numbers, so it disappears by itself when what it warns about is f
 
 - Mixture-of-experts bases (`moe`): transformers 5 stores each layer's experts as fused 3D parameters,
   not nn.Linear modules, so bitsandbytes' 4-bit loading leaves them in 16-bit and peft's all-linear
-  adapters skip them (planner/assumptions.py, QUANTIZE_ONLY_DECODER_LINEARS). The caveat is computed from
+  adapters skip them (planner/assumptions.py: only the decoder's nn.Linear modules are quantized). The caveat is computed from
   the 4-bit estimate's own count of quantized weights (its `P_q` input) and from the modules the adapter
   targets: once the runtime quantizes or adapts the experts, the estimate counts them and the caveat goes.
 - Pure-bf16 full fine-tuning (`bf16_rounding`): the runtime keeps full fine-tuning's weights in bf16

@@ -117,8 +117,6 @@ def _build(d: dict) -> ModelShape:
         dropouts=_dropouts(d),
         extra_layer_params=max(extra_layer, 0),
         supports_sdpa=bool(d.get("supports_sdpa", True)),
-        parallel_block=len(by_input.get("attn_in", ())) > 0 and any(
-            lin.out_features in (inter, 2 * inter) for lin in by_input.get("attn_in", ())),
         calibrated=False,
         qk_norm=qk,
         notes=tuple(notes),

@@ -164,6 +164,10 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
     )
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
     problems = check_against_model(spec, model, setup) + precision_problems(spec, device)
+    if not model.shape.calibrated and not model.described:  # a described shape's note says it already
+        problems.append(Problem("model.name", f"model_type {model.shape.model_type!r}: the activation formulas were not "
+                                "checked against measured training steps of this architecture (benchmarks/calibrate*.py); "
+                                "`peftplan estimate --exact` traces a step instead", severity="warning"))
     if t.activation_offloading and device.kind != "cuda":
         problems.append(Problem("training.activation_offloading", "moves activations to host memory over PCIe: on "
                                 "the CPU they are host memory already, so it is off here", severity="warning"))

@@ -73,7 +73,6 @@ class ModelShape:
     router_params_per_layer: int = 0
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
-    parallel_block: bool = False  # attention and MLP read the same normed input (Falcon, Phi-2)
     dropouts: dict = field(default_factory=dict)  # residual/embedding/attention dropout probabilities
     extra_layer_params: int = 0  # per layer, besides linears and norms (q/k norms)
     supports_sdpa: bool = True  # transformers has an sdpa path for this architecture

@@ -30,6 +30,10 @@ from .shapes import Linear, MalformedConfig, ModelShape, UnsupportedArchitecture
 TYPES = ("mixtral", "qwen3_moe", "olmoe", "granitemoe", "llama4_text", "llama4", "gpt_oss")
 
 
+# the MoE types the two-rank-free CPU calibration measured (benchmarks/calibrate_moe.py, calibration-cpu-moe.csv)
+CALIBRATED = ("mixtral", "qwen3_moe", "olmoe")
+
+
 def _experts(h: int, i: int, n: int, top_k: int, bias: bool = False, share: float = 1.0) -> tuple[Linear, ...]:
     """Routed experts as transformers 5 stores them: fused gate/up [E, 2i, h] and down [E, h, i]."""
     if n < 1 or not 1 <= top_k <= n:
@@ -62,7 +66,8 @@ def _finish(base: ModelShape, model_type: str, mlp: tuple[Linear, ...], *, exper
     note = (f"{experts} routed experts per MoE layer, {top_k} per token: fused 3-D parameters (transformers 5), "
             "not nn.Linear — 4-bit under qlora/qdora by the runtime's NF4 experts, not adapted by all-linear")
     return replace(base, model_type=model_type, linears=attention + mlp, intermediate_size=i, num_experts=experts,
-                   experts_per_token=top_k, router_params_per_layer=router, calibrated=False,
+                   experts_per_token=top_k, router_params_per_layer=router,
+                   calibrated=model_type in CALIBRATED,
                    notes=base.notes + (note,) + notes, **changes)
 
 

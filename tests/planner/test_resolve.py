@@ -302,3 +302,14 @@ def test_unknown_gpu_with_memory():
 def test_price_override():
     hw = resolve_hardware(hw_spec("h100", price_usd_per_hour=1.25))
     assert hw.device.price_usd_per_hour == 1.25
+
+
+@pytest.mark.parametrize("name, warned", [("tiiuae/falcon-7b", True), ("meta-llama/Llama-3.1-8B", False)])
+def test_an_architecture_without_calibration_rows_says_so(name, warned):
+    """Falcon has no measured rows in benchmarks/results/calibration-cpu*.csv; Llama has 49."""
+    from peftplan.planner.report import estimate_spec
+
+    spec = spec_from_dict({"model": {"name": name}, "data": {"num_examples": 1000}, "hardware": {"gpu": "A100-80GB"}})
+    report = estimate_spec(spec)
+    said = [p.message for p in report.resolved.warnings if "not checked against measured" in p.message]
+    assert bool(said) == warned
