@@ -11,10 +11,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..schemas import Spec
-from . import assumptions as A
 from . import catalog, rules
 from .methods import METHODS
-from .paging import needed_bytes
+from .paging import needed_bytes, usable_bytes
 from .parallel import per_device
 from .report import EstimateReport
 from .terms import gib
@@ -70,7 +69,7 @@ def _four_bit_base(spec: Spec, report: EstimateReport, smallest: "Candidate") ->
 
 
 def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
-    have = report.hardware.count * report.hardware.nodes
+    have = report.devices
     for n in DEVICE_COUNTS:
         if n <= have:
             continue
@@ -83,13 +82,12 @@ def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
 
 def _larger_device(smallest: "Candidate") -> str:
     need = smallest.estimate.device_total_bytes  # on another device: everything resident, nothing paged
-    usable = (1 - A.FIT_HEADROOM_FRACTION)
     devices = [d for d in catalog.devices() if rules.advisable(d.vendor)]
     for dev in sorted(devices, key=lambda d: d.memory_bytes):
-        if need <= dev.memory_bytes * usable:
+        if need <= usable_bytes(dev.memory_bytes):
             return (f"a larger device: {dev.id} ({dev.memory_bytes / 2**30:.0f} GiB) holds {smallest.describe()} "
                     f"({gib(need)} with nothing paged)")
     largest = max(devices, key=lambda d: d.memory_bytes)
-    n = -(-need // int(largest.memory_bytes * usable))
+    n = -(-need // usable_bytes(largest.memory_bytes))
     return (f"no single supported catalog device holds {gib(need)}; sharding across ≥ {n} × {largest.id} "
             "(FSDP / DeepSpeed ZeRO-3) would be needed")

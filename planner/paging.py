@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import assumptions as A
 from .catalog import Device
 from .memory import MemoryEstimate
 
@@ -36,6 +37,11 @@ def host_link_gbps(device: Device) -> tuple[float, str]:
     if gen is None:
         return PCIE_X16_GBPS[DEFAULT_PCIE_GEN], f"PCIe Gen{DEFAULT_PCIE_GEN} x16 assumed"
     return PCIE_X16_GBPS[gen], f"PCIe Gen{gen} x16"
+
+
+def usable_bytes(memory_bytes: int) -> int:
+    """What a plan may use of a device's memory: all of it but the fit headroom (assumptions.FIT_HEADROOM_FRACTION)."""
+    return int(memory_bytes * (1 - A.FIT_HEADROOM_FRACTION))
 
 
 def evictable_bytes(est: MemoryEstimate, device: Device) -> int:

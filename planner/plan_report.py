@@ -150,7 +150,7 @@ def render_plan(result: PlanResult, console) -> None:
     rep = result.report
     dev = rep.hardware.device
     c = result.chosen
-    head = styled((rep.model.name, "bold"), f" on {rep.hardware.count * rep.hardware.nodes} × ", (dev.name, "bold"),
+    head = styled((rep.model.name, "bold"), f" on {rep.hardware.devices} × ", (dev.name, "bold"),
                   f" ({gib(dev.memory_bytes)} each, {A.FIT_HEADROOM_FRACTION:.0%} kept free)")
     if c is not None:
         g = c.setup.geometry

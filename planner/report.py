@@ -10,7 +10,7 @@ from . import assumptions as A
 from . import caveats
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
-from .paging import evictable_bytes
+from .paging import evictable_bytes, needed_bytes, usable_bytes
 from .parallel import per_device
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
 from .setup import Resolved, build_setup, method_adapter
@@ -29,7 +29,7 @@ class EstimateReport:
 
     @property
     def devices(self) -> int:
-        return self.hardware.count * self.hardware.nodes
+        return self.hardware.devices
 
     @property
     def memory_bytes(self) -> int:
@@ -38,12 +38,12 @@ class EstimateReport:
     @property
     def usable_bytes(self) -> int:
         """Device memory minus the planner's safety headroom."""
-        return int(self.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION))
+        return usable_bytes(self.memory_bytes)
 
     def needed_bytes(self, est: MemoryEstimate) -> int:
         """What must stay on the device: paged optimizer state may move to host memory (at a cost the plan
         counts, planner/paging.py); on the CPU there is no host to move it to."""
-        return est.device_total_bytes - evictable_bytes(est, self.hardware.device)
+        return needed_bytes(est, self.hardware.device)
 
     def fits(self, est: MemoryEstimate) -> bool:
         return self.needed_bytes(est) <= self.usable_bytes
@@ -126,7 +126,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     moe = [Problem("model.name", text, severity="warning")
            for text in caveats.moe(model.name, model.shape, setups["qlora"], singles)]
     resolved = replace(resolved, warnings=resolved.warnings + tuple(moe))
-    devices = hardware.count * hardware.nodes
+    devices = hardware.devices
     requested = spec.training.parallelism if devices > 1 else "single"
     report = EstimateReport(model, hardware, resolved, singles, {name: "single" for name in singles},
                             "single" if devices == 1 else requested, setups)

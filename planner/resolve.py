@@ -224,6 +224,11 @@ class ResolvedHardware:
     nodes: int
     notes: tuple[str, ...] = ()
 
+    @property
+    def devices(self) -> int:
+        """Devices in all: per node × nodes."""
+        return self.count * self.nodes
+
 
 def resolve_hardware(spec: Spec) -> ResolvedHardware:
     hw = spec.hardware

@@ -12,10 +12,9 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..schemas import Spec
-from . import assumptions as A
 from . import catalog, rules
 from .memory import estimate
-from .paging import needed_bytes
+from .paging import needed_bytes, usable_bytes
 from .report import EstimateReport
 from .terms import duration
 from .throughput import estimate_time, full_rows
@@ -120,7 +119,7 @@ def _cheapest_device(spec: Spec, report: EstimateReport, c: "Candidate", lengths
     for dev in catalog.devices():
         if dev.id == report.hardware.device.id or dev.price_usd_per_hour is None or not rules.advisable(dev.vendor):
             continue
-        if needed_bytes(est, dev) > dev.memory_bytes * (1 - A.FIT_HEADROOM_FRACTION):
+        if needed_bytes(est, dev) > usable_bytes(dev.memory_bytes):
             continue
         t = _time(c, report, spec, lengths, device=dev, devices=1, epochs=epochs)
         if t is None:
