@@ -21,6 +21,7 @@ planner/explain.py, planner/caveats.py.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from ..schemas import Spec
@@ -367,99 +368,131 @@ def _lengths(spec: Spec, seq_len: int, histogram: dict | None) -> Lengths | None
 
 
 def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None = None) -> PlanResult:
-    """Plan `spec`. `lengths`: the data's token-length histogram {tokens: examples} when the data was read."""
+    """Plan `spec`. `lengths`: the data's token-length histogram {tokens: examples} when the data was read.
+
+    Each method's candidates are estimated, each method's best kept; the allowed methods that fit within the caps are
+    viable, one is chosen (planner/rules.py), and the rest are rejected with the reason."""
     report = estimate_spec(spec, base_dir=base_dir)
     measured = _lengths(spec, report.resolved.setup.geometry.seq_len, lengths)
-    n_params = report.model.shape.parameters
     situation = rules.Situation(priority=spec.objective.priority, num_examples=spec.data.num_examples)
-    methods = list(METHODS)  # all five are shown; a method set in the spec is the only one chosen from
-    hypers = {m: choose_hyperparameters(m, n_params, spec.data.num_examples, spec.method, spec.training,
-                                        devices=report.devices,
+    hypers = {m: choose_hyperparameters(m, report.model.shape.parameters, spec.data.num_examples, spec.method,
+                                        spec.training, devices=report.devices,
                                         spec_eval_fraction=spec.data.eval_fraction, scarce=situation.scarce,
-                                        eval_path=getattr(spec.data, "eval_path", None) is not None)
-              for m in methods}
-    all_cands = {m: _candidates(spec, report, m, hypers[m], measured) for m in methods}
+                                        eval_path=spec.data.eval_path is not None)
+              for m in METHODS}  # all five are shown; a method set in the spec is the only one chosen from
+    all_cands = {m: _candidates(spec, report, m, hypers[m], measured) for m in METHODS}
     best, without_dropout = _bests(all_cands, hypers, spec.objective.priority, report.usable_bytes)
     for m, c in best.items():
         hypers[m] = _rank_choice(_dropout_choice(hypers[m], c, "0: with the DoRA authors' 0.05 it does not fit"), c)
-    allowed = [spec.method.name] if spec.method.name != "auto" else methods
-    prequantized = report.model.prequantized == "bnb-4bit"
-    if prequantized:  # its 16-bit weights are not in the checkpoint: only a 4-bit base trains from it as it is
-        allowed = [m for m in allowed if METHODS[m].quantized]
+    allowed = _allowed(spec, report)
     result = PlanResult(report=report, best=best, chosen=None, given=_given(spec), lengths=measured)
-    o = spec.objective
+    within = partial(over_limits, spec.objective)
+    viable = {m: c for m, c in best.items() if m in allowed and c.fits and not within(c)}
+    result.rejected += _not_viable(spec, report, best, allowed, within)
+    if not viable:
+        _nothing_fits(spec, report, result, {m: c for m, c in best.items() if m in allowed}, measured,
+                      float(hypers[allowed[0]]["epochs"].value))
+    candidates = {m: c for m, c in without_dropout.items() if c.fits and not within(c) and m in allowed}
+    roomy = [c for c in all_cands["full"] if c.fits and not within(c)
+             and 1 - c.needed_bytes / report.usable_bytes >= rules.FULL_FT_MIN_HEADROOM]
+    roomy_full = min(roomy, key=lambda c: c.seconds) if roomy else None
+    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes, roomy_full)
+    best[chosen.method] = result.chosen = chosen
+    hyper = _dropout_choice(hypers[chosen.method], chosen, dropout_why or "")
+    hyper["effective_batch_size"] = _batch_choice(hyper["effective_batch_size"], chosen, spec)
+    result.hyperparameters = hyper
+    result.reasons = _reasons(spec, report, chosen, reasons, all_cands, measured)
+    result.rejected = _rejected(spec, chosen, viable, result.rejected)
+    result.steps_per_epoch = (chosen.time.count.optimizer_steps if chosen.time and chosen.time.count else
+                              steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
+                                              chosen.devices, float(hyper["eval_fraction"].value)))
+    result.warnings = warnings_for(spec, report, chosen, hyper) + _tight(report, chosen, all_cands[chosen.method])
+    return result
 
-    def over_limits(c: Candidate) -> str | None:
-        if o.max_hours and c.time and c.time.seconds > o.max_hours * 3600:
-            return f"takes ~{duration(c.time.seconds)}, over objective.max_hours = {o.max_hours:g}"
-        if o.budget_usd and c.cost_usd is not None and c.cost_usd > o.budget_usd:
-            return f"costs ~${c.cost_usd:,.0f}, over objective.budget_usd = {o.budget_usd:g}"
-        return None
 
-    viable = {m: c for m, c in best.items() if m in allowed and c.fits and not over_limits(c)}
+def over_limits(o, c: Candidate) -> str | None:
+    """Why `c` misses the objective's caps (`o`: spec.objective), or None."""
+    if o.max_hours and c.time and c.time.seconds > o.max_hours * 3600:
+        return f"takes ~{duration(c.time.seconds)}, over objective.max_hours = {o.max_hours:g}"
+    if o.budget_usd and c.cost_usd is not None and c.cost_usd > o.budget_usd:
+        return f"costs ~${c.cost_usd:,.0f}, over objective.budget_usd = {o.budget_usd:g}"
+    return None
+
+
+def _allowed(spec: Spec, report: EstimateReport) -> list[str]:
+    """The methods the plan may choose: the one the spec sets, or all; a 4-bit checkpoint's only trains as 4-bit."""
+    allowed = [spec.method.name] if spec.method.name != "auto" else list(METHODS)
+    if report.model.prequantized == "bnb-4bit":  # its 16-bit weights are not in the checkpoint
+        allowed = [m for m in allowed if METHODS[m].quantized]
+    return allowed
+
+
+def _not_viable(spec: Spec, report: EstimateReport, best: dict[str, Candidate], allowed: list[str],
+                within) -> list[dict]:
+    """Why each method that cannot be chosen is out: not allowed, does not fit, or over the caps."""
+    out = []
     for m, c in best.items():
         if m not in allowed:
             verdict = "fits" if c.fits else "does not fit"
             why = (f"{report.model.name} is a 4-bit (bitsandbytes) checkpoint: its 16-bit weights are not in it, so "
-                   "only QLoRA/QDoRA train from it; use the 16-bit original for this method" if prequantized and
-                   not METHODS[m].quantized else f"method.name = {spec.method.name!r} is set in the spec")
-            result.rejected.append({"method": m, "why": f"{why} ({m} {verdict} at {gib(c.needed_bytes)})"})
+                   "only QLoRA/QDoRA train from it; use the 16-bit original for this method"
+                   if report.model.prequantized == "bnb-4bit" and not METHODS[m].quantized
+                   else f"method.name = {spec.method.name!r} is set in the spec")
+            out.append({"method": m, "why": f"{why} ({m} {verdict} at {gib(c.needed_bytes)})"})
         elif not c.fits:
             short = c.needed_bytes - report.usable_bytes
-            result.rejected.append({"method": m, "why": (
+            out.append({"method": m, "why": (
                 f"needs {gib(c.needed_bytes)} per device at best ({c.describe()}): {gib(short)} over the "
                 f"{gib(report.usable_bytes)} usable on {report.hardware.device.id}")})
-        elif (why := over_limits(c)):
-            result.rejected.append({"method": m, "why": why})
+        elif (why := within(c)):
+            out.append({"method": m, "why": why})
+    return out
 
-    if not viable:
-        considered = {m: c for m, c in best.items() if m in allowed}
-        fitting = {m: c for m, c in considered.items() if c.fits}
-        if fitting:  # memory is fine for these: their time or cost is over the objective's caps
-            result.suggestions = meet_the_caps(spec, report, fitting, measured, float(hypers[allowed[0]]["epochs"].value))
-            result.suggestions_for = "caps"
-            raise NothingFits(caps_headline(spec, fitting), result)
-        result.suggestions = what_would_fit(spec, report, considered)
-        raise NothingFits(nothing_fits_headline(report, considered, spec.method.name), result)
 
-    candidates = {m: c for m, c in without_dropout.items() if c.fits and not over_limits(c) and m in allowed}
-    roomy = [c for c in all_cands["full"] if c.fits and not over_limits(c)
-             and 1 - c.needed_bytes / report.usable_bytes >= rules.FULL_FT_MIN_HEADROOM]
-    roomy_full = min(roomy, key=lambda c: c.seconds) if roomy else None
-    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes, roomy_full)
-    if prequantized and spec.method.name == "auto":
+def _nothing_fits(spec: Spec, report: EstimateReport, result: PlanResult, considered: dict[str, Candidate],
+                  measured: Lengths | None, epochs: float) -> None:
+    """Raise NothingFits with what would: advice on the caps when some method fits in memory, else on memory."""
+    fitting = {m: c for m, c in considered.items() if c.fits}
+    if fitting:  # memory is fine for these: their time or cost is over the objective's caps
+        result.suggestions = meet_the_caps(spec, report, fitting, measured, epochs)
+        result.suggestions_for = "caps"
+        raise NothingFits(caps_headline(spec, fitting), result)
+    result.suggestions = what_would_fit(spec, report, considered)
+    raise NothingFits(nothing_fits_headline(report, considered, spec.method.name), result)
+
+
+def _reasons(spec: Spec, report: EstimateReport, chosen: Candidate, reasons: list[str],
+             all_cands: dict[str, list[Candidate]], measured: Lengths | None) -> list[str]:
+    """Why the chosen plan: the method's reasons, then parallelism, paging, packing and offloading."""
+    if report.model.prequantized == "bnb-4bit" and spec.method.name == "auto":
         reasons = [f"{report.model.name} is stored in 4-bit (bitsandbytes NF4): {chosen.method} trains it as it is",
                    *[r for r in reasons[1:] if "does not fit" not in r]]
     if chosen.devices > 1:
         reasons.append(parallel_reason(chosen, all_cands))
     if chosen.paging is not None:
         reasons.append(paging_reason(chosen, report))
-    best[chosen.method] = chosen
-    result.chosen = chosen
-    hyper = _dropout_choice(hypers[chosen.method], chosen, dropout_why or "")
-    hyper["effective_batch_size"] = _batch_choice(hyper["effective_batch_size"], chosen, spec)
-    result.hyperparameters = hyper
-    result.reasons = reasons
-    for m, c in viable.items():
-        if m != chosen.method:
-            result.rejected.append({"method": m, "why": why_not(c, chosen, spec)})
-    result.rejected = [r for r in result.rejected if r["method"] != chosen.method]
+    return reasons + _packing_reasons(spec, chosen, measured) + _offload_reasons(spec, chosen,
+                                                                                 all_cands[chosen.method])
+
+
+def _rejected(spec: Spec, chosen: Candidate, viable: dict[str, Candidate], rejected: list[dict]) -> list[dict]:
+    """Every method but the chosen one, with why not, in the methods' order."""
+    out = [*rejected, *({"method": m, "why": why_not(c, chosen, spec)} for m, c in viable.items()
+                        if m != chosen.method)]
     order = {m: i for i, m in enumerate(METHODS)}
-    result.rejected.sort(key=lambda r: order[r["method"]])
-    result.steps_per_epoch = (chosen.time.count.optimizer_steps if chosen.time and chosen.time.count else
-                              steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
-                                              chosen.devices, float(hyper["eval_fraction"].value)))
-    reasons += _packing_reasons(spec, chosen, measured) + _offload_reasons(spec, chosen, all_cands[chosen.method])
-    # the pool _best chose from: the chosen adapter settings, offloading only where it pays
-    pool = _offload_where_it_pays([c for c in all_cands[chosen.method]
-                                   if c.fits and c.setup.adapter == chosen.setup.adapter])
-    margin = rules.with_margin(chosen, pool, report.usable_bytes)[1]
-    if margin is None and chosen.needed_bytes > rules.TIGHT_FRACTION * report.usable_bytes:
-        result.warnings.append(f"the plan fills {chosen.needed_bytes / report.usable_bytes:.0%} of the usable memory "
-                               "and no roomier geometry is nearly as fast: a few percent of estimate error would "
-                               "run out of memory")
-    result.warnings = warnings_for(spec, report, chosen, hyper) + result.warnings
-    return result
+    return sorted((r for r in out if r["method"] != chosen.method), key=lambda r: order[r["method"]])
+
+
+def _tight(report: EstimateReport, chosen: Candidate, cands: list[Candidate]) -> list[str]:
+    """A warning when the plan nearly fills the device and no roomier geometry is nearly as fast; judged against
+    the pool _best chose from (the chosen adapter settings, offloading only where it pays)."""
+    pool = _offload_where_it_pays([c for c in cands if c.fits and c.setup.adapter == chosen.setup.adapter])
+    if rules.with_margin(chosen, pool, report.usable_bytes)[1] is not None:
+        return []
+    if chosen.needed_bytes <= rules.TIGHT_FRACTION * report.usable_bytes:
+        return []
+    return [f"the plan fills {chosen.needed_bytes / report.usable_bytes:.0%} of the usable memory and no roomier "
+            "geometry is nearly as fast: a few percent of estimate error would run out of memory"]
 
 
 def _offload_reasons(spec: Spec, c: Candidate, cands: list[Candidate]) -> list[str]:
