@@ -392,22 +392,32 @@ def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None 
     if not viable:
         _nothing_fits(spec, report, result, {m: c for m, c in best.items() if m in allowed}, measured,
                       float(hypers[allowed[0]]["epochs"].value))
-    candidates = {m: c for m, c in without_dropout.items() if c.fits and not within(c) and m in allowed}
-    roomy = [c for c in all_cands["full"] if c.fits and not within(c)
-             and 1 - c.needed_bytes / report.usable_bytes >= rules.FULL_FT_MIN_HEADROOM]
-    roomy_full = min(roomy, key=lambda c: c.seconds) if roomy else None
-    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes, roomy_full)
+    candidates = {m: c for m, c in without_dropout.items() if m in allowed and c.fits and not within(c)}
+    chosen, reasons, dropout_why = _choose(spec, situation, viable, best, candidates, report.usable_bytes,
+                                           _roomy_full(all_cands["full"], within, report.usable_bytes))
     best[chosen.method] = result.chosen = chosen
     hyper = _dropout_choice(hypers[chosen.method], chosen, dropout_why or "")
     hyper["effective_batch_size"] = _batch_choice(hyper["effective_batch_size"], chosen, spec)
     result.hyperparameters = hyper
     result.reasons = _reasons(spec, report, chosen, reasons, all_cands, measured)
     result.rejected = _rejected(spec, chosen, viable, result.rejected)
-    result.steps_per_epoch = (chosen.time.count.optimizer_steps if chosen.time and chosen.time.count else
-                              steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation,
-                                              chosen.devices, float(hyper["eval_fraction"].value)))
+    result.steps_per_epoch = _steps_per_epoch(spec, chosen, float(hyper["eval_fraction"].value))
     result.warnings = warnings_for(spec, report, chosen, hyper) + _tight(report, chosen, all_cands[chosen.method])
     return result
+
+
+def _roomy_full(cands: list[Candidate], within, usable: int) -> Candidate | None:
+    """Full fine-tuning's fastest geometry that leaves rules.FULL_FT_MIN_HEADROOM of the device free."""
+    roomy = [c for c in cands if c.fits and not within(c) and 1 - c.needed_bytes / usable >= rules.FULL_FT_MIN_HEADROOM]
+    return min(roomy, key=lambda c: c.seconds) if roomy else None
+
+
+def _steps_per_epoch(spec: Spec, chosen: Candidate, eval_fraction: float) -> int | None:
+    """Optimizer steps per epoch: the time model's token count, else examples over the effective batch."""
+    if chosen.time and chosen.time.count:
+        return chosen.time.count.optimizer_steps
+    return steps_per_epoch(spec.data.num_examples, chosen.micro_batch, chosen.accumulation, chosen.devices,
+                           eval_fraction)
 
 
 def over_limits(o, c: Candidate) -> str | None:
