@@ -143,71 +143,28 @@ def _memory_line(result: PlanResult, c: Candidate) -> str:
 
 
 def render_plan(result: PlanResult, console) -> None:
+    """The plan as rich output: the chosen plan (or why nothing is), every method's best, why, notes, warnings."""
     from rich.panel import Panel
-    from rich.table import Table
     from rich.text import Text
 
-    rep = result.report
+    rep, c = result.report, result.chosen
     dev = rep.hardware.device
-    c = result.chosen
     head = styled((rep.model.name, "bold"), f" on {rep.hardware.devices} × ", (dev.name, "bold"),
                   f" ({gib(dev.memory_bytes)} each, {A.FIT_HEADROOM_FRACTION:.0%} kept free)")
     if c is not None:
-        g = c.setup.geometry
-        par = f" with {c.parallelism.upper()} over {c.devices} devices" if c.devices > 1 else ""
-        lines = [head, "",
-                 styled((c.method.upper(), "bold green"), f"{par}  — {result.reasons[0] if result.reasons else ''}"),
-                 _memory_line(result, c),
-                 f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens{' (packed)' if c.packing else ''}, "
-                 f"accumulation {c.accumulation} "
-                 f"(effective batch {c.effective_batch}), gradient checkpointing "
-                 f"{'on' if g.gradient_checkpointing else 'off'}, {c.setup.optimizer}, {rep.resolved.precision}, "
-                 f"{g.attention} attention"]
-        if c.time:
-            cost = f", ~${c.cost_usd:,.2f} at ${dev.price_usd_per_hour}/h ({dev.price_date})" if c.cost_usd is not None else ""
-            lines.append(f"time     ~{duration(c.time.seconds)} (range {duration(c.time.low_seconds)}–"
-                         f"{duration(c.time.high_seconds)}) for {c.time.tokens / 1e6:,.1f}M tokens{cost}")
-        else:
-            lines.append("time     unknown: set data.num_examples (and data.avg_tokens) for time and cost")
-        if result.steps_per_epoch:
-            held = float(result.hyperparameters["eval_fraction"].value)
-            split = f", {held:.1%} of the examples held out for evaluation" if held else ", no held-out split"
-            lines.append(f"steps    {result.steps_per_epoch} optimizer steps per epoch{split}")
+        lines = [head, "", *_chosen_lines(result, c)]
         console.print(Panel(Text("\n").join(styled(x) for x in lines), title="peftplan plan", title_align="left"))
-        hp = Table(title="Hyperparameters", title_justify="left", show_header=True)
-        hp.add_column("key")
-        hp.add_column("value", justify="right")
-        hp.add_column("why")
-        for k, v in result.hyperparameters.items():
-            hp.add_row(k, str(v.value), styled(("set in the spec", "bright_black")) if v.user_set else v.why)
-        console.print(hp)
+        console.print(_hyperparameter_table(result))
     else:
-        console.print(Panel(Text("\n").join([head, Text(""), styled(("Nothing fits." if result.suggestions_for == "memory" else
-                                                                    "Every method fits, none within the caps.", "bold red"))]),
+        verdict = "Nothing fits." if result.suggestions_for == "memory" else "Every method fits, none within the caps."
+        console.print(Panel(Text("\n").join([head, Text(""), styled((verdict, "bold red"))]),
                             title="peftplan plan", title_align="left"))
-
-    table = Table(title="All methods (each at its own best geometry)", title_justify="left")
-    for col in ("method", "fits", "needs", "headroom", "geometry", "time", "cost", "breakdown (bar = device memory)"):
-        table.add_column(col, justify="right" if col in ("needs", "headroom", "time", "cost") else "left")
-    for m, x in result.best.items():
-        g = x.setup.geometry
-        mark = Text("✓ paged", style="yellow") if x.paging else Text("✓", style="green")
-        if not x.fits:
-            mark = Text("✗", style="red")
-        if c is not None and m == c.method:
-            mark = Text("★ paged" if x.paging else "★", style="bold green")
-        head_bytes = rep.usable_bytes - x.needed_bytes
-        table.add_row(m, mark, gib(x.needed_bytes), Text(gib(head_bytes), style="green" if head_bytes >= 0 else "red"),
-                      f"mb {g.micro_batch_size}, gc {'on' if g.gradient_checkpointing else 'off'}, {x.setup.optimizer}"
-                      + (f", {x.parallelism}×{x.devices}" if x.devices > 1 else ""),
-                      duration(x.time.seconds) if x.time else "?",
-                      f"${x.cost_usd:,.0f}" if x.cost_usd is not None else "?",
-                      breakdown_bar(x.estimate.components(), rep.memory_bytes, width=30))
-    console.print(table)
+    console.print(_methods_table(result))
     console.print(legend())
-    for title, items in (("Why", result.reasons[1:]), ("Alternatives", [f"{r['method']}: {r['why']}" for r in result.rejected]),
-                         ("What would fit" if result.suggestions_for == "memory" else "What would meet the caps",
-                          result.suggestions)):
+    advice = "What would fit" if result.suggestions_for == "memory" else "What would meet the caps"
+    for title, items in (("Why", result.reasons[1:]),
+                         ("Alternatives", [f"{r['method']}: {r['why']}" for r in result.rejected]),
+                         (advice, result.suggestions)):
         if items:
             console.print(styled((title, "bold")))
             for item in items:
@@ -219,3 +176,72 @@ def render_plan(result: PlanResult, console) -> None:
             console.print(styled((f"note: {line}", "bright_black")))
     for w in plan_warnings(result):
         console.print(styled((w, "yellow")))
+
+
+def _chosen_lines(result: PlanResult, c) -> list:
+    """The chosen plan: method and why, memory, batch geometry, time and cost, steps per epoch."""
+    rep, dev, g = result.report, result.report.hardware.device, c.setup.geometry
+    par = f" with {c.parallelism.upper()} over {c.devices} devices" if c.devices > 1 else ""
+    lines = [styled((c.method.upper(), "bold green"), f"{par}  — {result.reasons[0] if result.reasons else ''}"),
+             _memory_line(result, c),
+             f"batch    micro-batch {g.micro_batch_size} × {g.seq_len} tokens{' (packed)' if c.packing else ''}, "
+             f"accumulation {c.accumulation} "
+             f"(effective batch {c.effective_batch}), gradient checkpointing "
+             f"{'on' if g.gradient_checkpointing else 'off'}, {c.setup.optimizer}, {rep.resolved.precision}, "
+             f"{g.attention} attention"]
+    if c.time:
+        cost = (f", ~${c.cost_usd:,.2f} at ${dev.price_usd_per_hour}/h ({dev.price_date})"
+                if c.cost_usd is not None else "")
+        lines.append(f"time     ~{duration(c.time.seconds)} (range {duration(c.time.low_seconds)}–"
+                     f"{duration(c.time.high_seconds)}) for {c.time.tokens / 1e6:,.1f}M tokens{cost}")
+    else:
+        lines.append("time     unknown: set data.num_examples (and data.avg_tokens) for time and cost")
+    if result.steps_per_epoch:
+        held = float(result.hyperparameters["eval_fraction"].value)
+        split = f", {held:.1%} of the examples held out for evaluation" if held else ", no held-out split"
+        lines.append(f"steps    {result.steps_per_epoch} optimizer steps per epoch{split}")
+    return lines
+
+
+def _hyperparameter_table(result: PlanResult):
+    from rich.table import Table
+
+    hp = Table(title="Hyperparameters", title_justify="left", show_header=True)
+    hp.add_column("key")
+    hp.add_column("value", justify="right")
+    hp.add_column("why")
+    for k, v in result.hyperparameters.items():
+        hp.add_row(k, str(v.value), styled(("set in the spec", "bright_black")) if v.user_set else v.why)
+    return hp
+
+
+def _fit_mark(x, chosen: bool):
+    from rich.text import Text
+
+    if chosen:
+        return Text("★ paged" if x.paging else "★", style="bold green")
+    if not x.fits:
+        return Text("✗", style="red")
+    return Text("✓ paged", style="yellow") if x.paging else Text("✓", style="green")
+
+
+def _methods_table(result: PlanResult):
+    """Every method at its own best geometry: fit, memory, headroom, geometry, time, cost, a breakdown bar."""
+    from rich.table import Table
+    from rich.text import Text
+
+    rep, c = result.report, result.chosen
+    table = Table(title="All methods (each at its own best geometry)", title_justify="left")
+    for col in ("method", "fits", "needs", "headroom", "geometry", "time", "cost", "breakdown (bar = device memory)"):
+        table.add_column(col, justify="right" if col in ("needs", "headroom", "time", "cost") else "left")
+    for m, x in result.best.items():
+        g = x.setup.geometry
+        head_bytes = rep.usable_bytes - x.needed_bytes
+        table.add_row(m, _fit_mark(x, c is not None and m == c.method), gib(x.needed_bytes),
+                      Text(gib(head_bytes), style="green" if head_bytes >= 0 else "red"),
+                      f"mb {g.micro_batch_size}, gc {'on' if g.gradient_checkpointing else 'off'}, {x.setup.optimizer}"
+                      + (f", {x.parallelism}×{x.devices}" if x.devices > 1 else ""),
+                      duration(x.time.seconds) if x.time else "?",
+                      f"${x.cost_usd:,.0f}" if x.cost_usd is not None else "?",
+                      breakdown_bar(x.estimate.components(), rep.memory_bytes, width=30))
+    return table
