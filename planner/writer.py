@@ -95,9 +95,10 @@ def read_manifest(out: Path) -> Manifest | None:
     for line in lines:
         if not line.strip():
             continue
-        digest, sep, rel = line.partition("  ")
-        if m.legacy or not sep or len(digest) != 64:
-            m.legacy, digest, rel = True, "", line.strip()
+        digest, sep, rel = ("", "", line.strip()) if m.legacy else line.partition("  ")
+        if not m.legacy and (not sep or len(digest) != 64):  # a hashed manifest never turns into a legacy one
+            raise ConflictError(out, [f"{MANIFEST} has a line that is not '<sha256>  <path>': {line.strip()[:80]!r}; "
+                                      "it was edited, so which files are ours is unknown: nothing was changed"])
         if not _safe_rel(rel):
             raise ConflictError(out, [f"{MANIFEST} lists {rel!r}, which is not a file of a project"])
         m.files.setdefault(rel, set()).add(digest)
@@ -274,39 +275,12 @@ def _write_locked(files, out: Path, force: bool, executable, created: bool) -> l
     conflicts = _conflicts(out, files, old)
     if conflicts:
         raise ConflictError(out, conflicts)
-    new = {rel: {sha256(text.encode("utf-8"))} for rel, text in files.items()}
     undo = _Placement(manifest=Manifest(old).render(pending=False) if manifest else None)
     staging = None
     try:
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
-        (staging / ".pid").write_text(str(os.getpid()))
-        mask = _umask()
-        for rel, text in files.items():
-            path = staging / "new" / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(text.encode("utf-8"))
-            path.chmod((0o777 if Path(rel).name in executable else 0o666) & ~mask)
-        union = Manifest({rel: old.get(rel, set()) | new.get(rel, set()) for rel in {*old, *new}})
-        _replace_manifest(out, staging, union.render(pending=True))
-        undo.manifest_replaced = True
-        for rel in sorted(files):
-            _makedirs(out, Path(rel).parent, undo)
-            target = out / rel
-            if rel in old and os.path.lexists(target):
-                _move_aside(out, staging, rel, old[rel], undo)
-            try:
-                _link_noclobber(staging / "new" / rel, target)
-            except FileExistsError:
-                raise ConflictError(out, [f"{rel} appeared while the project was being written; nothing was "
-                                          "changed"]) from None
-            undo.placed.append((target, os.lstat(target).st_ino))
-        for rel in sorted(set(old) - set(files)):  # generated before, not any more (e.g. ds_config.json)
-            if os.path.lexists(out / rel):
-                try:
-                    _move_aside(out, staging, rel, old[rel], undo)
-                except ConflictError:
-                    continue  # edited since: it is the user's now, left in place
-        _replace_manifest(out, staging, Manifest(new).render(pending=False))
+        _stage(staging, files, executable)
+        _place(out, staging, files, old, undo)
     except (ConflictError, OSError) as exc:
         _undo(out, undo)
         if staging is not None:
@@ -321,6 +295,44 @@ def _write_locked(files, out: Path, force: bool, executable, created: bool) -> l
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     return sorted(files)
+
+
+def _stage(staging: Path, files: dict[str, str], executable) -> None:
+    """Every file written in full under `staging/new`, with its mode, before anything in the project changes."""
+    (staging / ".pid").write_text(str(os.getpid()))
+    mask = _umask()
+    for rel, text in files.items():
+        path = staging / "new" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode("utf-8"))
+        path.chmod((0o777 if Path(rel).name in executable else 0o666) & ~mask)
+
+
+def _place(out: Path, staging: Path, files: dict[str, str], old: dict[str, set[str]], undo: _Placement) -> None:
+    """Move the staged files into place: the manifest marked pending first (old ∪ new digests), each file linked
+    without clobbering, our old versions moved aside, files no longer generated removed, the manifest completed."""
+    new = {rel: {sha256(text.encode("utf-8"))} for rel, text in files.items()}
+    union = Manifest({rel: old.get(rel, set()) | new.get(rel, set()) for rel in {*old, *new}})
+    _replace_manifest(out, staging, union.render(pending=True))
+    undo.manifest_replaced = True
+    for rel in sorted(files):
+        _makedirs(out, Path(rel).parent, undo)
+        target = out / rel
+        if rel in old and os.path.lexists(target):
+            _move_aside(out, staging, rel, old[rel], undo)
+        try:
+            _link_noclobber(staging / "new" / rel, target)
+        except FileExistsError:
+            raise ConflictError(out, [f"{rel} appeared while the project was being written; nothing was "
+                                      "changed"]) from None
+        undo.placed.append((target, os.lstat(target).st_ino))
+    for rel in sorted(set(old) - set(files)):  # generated before, not any more (e.g. ds_config.json)
+        if os.path.lexists(out / rel):
+            try:
+                _move_aside(out, staging, rel, old[rel], undo)
+            except ConflictError:
+                continue  # edited since: it is the user's now, left in place
+    _replace_manifest(out, staging, Manifest(new).render(pending=False))
 
 
 def _conflicts(out: Path, files: dict[str, str], old: dict[str, set[str]]) -> list[str]:

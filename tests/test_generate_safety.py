@@ -138,6 +138,20 @@ def test_edited_generated_file_is_not_overwritten(ws, capsys):
     assert snapshot(out) == before
 
 
+def test_a_malformed_line_in_a_hashed_manifest_protects_the_users_edits(ws, capsys):
+    """One bad line once switched the whole manifest to the legacy (paths only, any content ours) reading, so an
+    edited README.md was overwritten by generate --force."""
+    out = ws / "proj"
+    assert run_cli(capsys, "generate", ws / "spec.toml", "-o", out)[0] == 0
+    (out / "README.md").write_text("my edits\n")
+    with open(out / writer.MANIFEST, "a") as fh:
+        fh.write("not a digest line\n")
+    before = snapshot(out)
+    rc, _, err = run_cli(capsys, "generate", ws / "spec-b.toml", "-o", out, "--force")
+    assert rc == 2 and "not '<sha256>  <path>'" in err, err
+    assert snapshot(out) == before
+
+
 def test_force_regenerates_ours_and_keeps_the_users(ws, capsys):
     out = ws / "proj"
     assert run_cli(capsys, "generate", ws / "spec.toml", "-o", out)[0] == 0
