@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import product
 from pathlib import Path
 
 from ..schemas import Spec
@@ -160,33 +161,32 @@ def _offloads(spec: Spec, report: EstimateReport, gc: bool) -> list[bool]:
     return [False, True] if gc and not report.hardware.device.is_cpu else [False]
 
 
-def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: list[bool]):
-    """(micro-batch, checkpointing, optimizer, parallelism, devices used, packing); the global batch stays within
-    the effective batch unless the user fixed the micro-batch. Packed rows under flash_attention_2 need one row per
-    micro-batch: transformers 5 runs plain causal attention over each packed row otherwise (examples would attend
-    to each other), so those geometries are not candidates."""
+def _checkpointing(spec: Spec, report: EstimateReport) -> list[bool]:
     t = spec.training
-    attention = report.resolved.setup.geometry.attention
-    mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
     if t.gradient_checkpointing is not None:
-        gcs = [t.gradient_checkpointing]
-    elif t.activation_offloading and not report.hardware.device.is_cpu:
-        gcs = [True]  # what offloading moves are the checkpointed layer inputs
-    else:
-        gcs = [False, True]
+        return [t.gradient_checkpointing]
+    if t.activation_offloading and not report.hardware.device.is_cpu:
+        return [True]  # what offloading moves are the checkpointed layer inputs
+    return [False, True]
+
+
+def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: list[bool]):
+    """(micro-batch, checkpointing, optimizer, parallelism, devices used, packing, offloading); the global batch
+    stays within the effective batch unless the user fixed the micro-batch. Packed rows under flash_attention_2 need
+    one row per micro-batch: transformers 5 runs plain causal attention over each packed row otherwise (examples
+    would attend to each other), so those geometries are not candidates."""
+    t = spec.training
+    flash = report.resolved.setup.geometry.attention == "flash_attention_2"
+    mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
     opts = [t.optimizer] if t.optimizer else list(OPTIMIZERS)
-    for mb in mbs:
-        for gc in gcs:
-            for opt in opts:
-                for par in _parallelisms(spec, report):
-                    used = 1 if par == "single" else report.devices
-                    if not t.micro_batch_size and mb > 1 and mb * used > effective:
-                        continue
-                    for packing in packings:
-                        if packing and attention == "flash_attention_2" and mb > 1:
-                            continue
-                        for offload in _offloads(spec, report, gc):
-                            yield mb, gc, opt, par, used, packing, offload
+    for mb, gc, opt, par, packing in product(mbs, _checkpointing(spec, report), opts, _parallelisms(spec, report),
+                                             packings):
+        used = 1 if par == "single" else report.devices
+        over_batch = not t.micro_batch_size and mb > 1 and mb * used > effective
+        if over_batch or (packing and flash and mb > 1):
+            continue
+        for offload in _offloads(spec, report, gc):
+            yield mb, gc, opt, par, used, packing, offload
 
 
 def _candidates(spec: Spec, report: EstimateReport, method: str, hyper: dict[str, Choice],
