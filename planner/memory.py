@@ -86,15 +86,33 @@ def optimizer_state_bytes(tensors: list[Tensors], optimizer: str) -> tuple[int, 
 
 
 def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
+    """One pass: the static terms (weights, adapters, optimizer state), the terms of each moment of a step, the
+    largest moment, the overhead on top."""
     m = METHODS[method] if isinstance(method, str) else method
-    g, sh = s.geometry, s.shape
-    T = g.tokens
-
-    # -- static --------------------------------------------------------------------------------
-    static = list(m.weight_terms(s))
     tensors = m.trainable_tensors(s)
     n_train = sum(t.elements for t in tensors)
     train_bytes = sum(t.elements * t.bytes_per for t in tensors)
+    static = _static_terms(m, s, tensors, n_train, train_bytes)
+    phases = _moments(m, s, n_train, train_bytes)
+    totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
+    phase = max(totals, key=lambda k: totals[k])
+    terms = [*static, *phases[phase]]
+    peak = sum(int(t.bytes) for t in terms if t.component not in NOT_ALLOCATED)
+    terms += overhead_terms(s, peak)
+    return MemoryEstimate(
+        method=m.name,
+        trainable_parameters=n_train,
+        phase=phase,
+        terms=tuple(terms),
+        phases={k: v + sum(int(t.bytes) for t in static) for k, v in totals.items()},
+        phase_terms={k: tuple(v) for k, v in phases.items()},
+    )
+
+
+def _static_terms(m: Method, s: Setup, tensors: list[Tensors], n_train: int, train_bytes: int) -> list[Term]:
+    """What lives through the whole step: the base weights as the method stores them, the adapters, the optimizer
+    state (paged state is CUDA unified memory, evictable to host)."""
+    static = list(m.weight_terms(s))
     if m.adapter:
         static.append(Term("adapter", "adapter weights (fp32)", train_bytes, "N_adapter × 4",
                            {"N_adapter": n_train}))
@@ -103,18 +121,20 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
     static.append(Term("paged_optimizer" if paged else "optimizer",
                        f"{s.optimizer} state" + (" (CUDA unified memory, evictable to host)" if paged else ""),
                        opt_bytes, opt_formula, {"N": n_train, "optimizer": s.optimizer}))
+    return static
+
+
+def _moments(m: Method, s: Setup, n_train: int, train_bytes: int) -> dict[str, list[Term]]:
+    """The non-static terms at each moment of a step (the module docstring)."""
+    g, sh, T = s.geometry, s.shape, s.geometry.tokens
     grads = Term("gradients", "gradients of the trainable tensors", train_bytes, "N × param bytes",
                  {"N": n_train})
     held_grads = [grads] if g.gradient_accumulation_steps > 1 else []
-
-    # -- activations -----------------------------------------------------------------------------
     per_layer = layer_terms(s, m)
     layer_bytes = sum(t.bytes for t in per_layer)
     outside = outside_layers_terms(s, m)
-    transient = m.layer_transient_terms(s, T)
-    working = backward_working_term(s, m)
+    inner = _inner(m, backward_working_term(s, m), m.layer_transient_terms(s, T), s)
     logits = loss_terms(s, m)
-
     phases: dict[str, list[Term]] = {}
     if g.gradient_checkpointing:
         ckpt = checkpoint_term(s)
@@ -131,7 +151,7 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
                      train_bytes - (0 if held_grads else m.not_yet_graded_bytes(s)), "N × bytes − layer 0",
                      {"N": n_train})
         # the inputs, masks and rotary tables every layer's recomputation reads are still alive then
-        phases["recompute"] = [ckpt, outside[0], one_layer, *_inner(m, working, transient, s), later]
+        phases["recompute"] = [ckpt, outside[0], one_layer, *inner, later]
     else:
         saved = layer_bytes * sh.num_layers - m.layer0_savings(s, T) - _layer0_norm(s, m)
         all_layers = Term("activations", f"{sh.num_layers} layers × per-layer activations", saved,
@@ -139,22 +159,9 @@ def estimate(method: str | Method, s: Setup) -> MemoryEstimate:
                           {"L": sh.num_layers, "layer": int(layer_bytes),
                            "terms": {t.label: int(t.bytes) for t in per_layer}})
         phases["loss"] = [all_layers, *outside, *logits, *held_grads]
-        phases["layer"] = [all_layers, *outside, *_inner(m, working, transient, s), *held_grads]
+        phases["layer"] = [all_layers, *outside, *inner, *held_grads]
     phases["optimizer"] = [grads]
-
-    totals = {name: sum(int(t.bytes) for t in ts) for name, ts in phases.items()}
-    phase = max(totals, key=lambda k: totals[k])
-    terms = [*static, *phases[phase]]
-    peak = sum(int(t.bytes) for t in terms if t.component not in NOT_ALLOCATED)
-    terms += overhead_terms(s, peak)
-    return MemoryEstimate(
-        method=m.name,
-        trainable_parameters=n_train,
-        phase=phase,
-        terms=tuple(terms),
-        phases={k: v + sum(int(t.bytes) for t in static) for k, v in totals.items()},
-        phase_terms={k: tuple(v) for k, v in phases.items()},
-    )
+    return phases
 
 
 def offloaded_checkpoint_term(s: Setup, ckpt: Term) -> Term:

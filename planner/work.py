@@ -113,54 +113,69 @@ def step_work(method: str, s: Setup, tokens: float, pairs: float, *, optimizer: 
               trainable_bytes: int | None = None) -> StepWork:
     """The work of one micro-step of `tokens` positions and `pairs` attention pairs, and of the optimizer step."""
     m = METHODS[method]
-    sh, g = s.shape, s.geometry
-    gc = g.gradient_checkpointing
+    gc = s.geometry.gradient_checkpointing
     n_layers, n_head = multiplied_weights(s)
     n = n_layers + n_head
-    notes = []
     matmul = (2 + 2 + (0 if m.adapter else 2)) * n * tokens + (2 * n_layers * tokens if gc else 0)
-    notes.append(f"matmuls: {(6 if not m.adapter else 4) + (2 if gc else 0) * n_layers / n:.1f}·N FLOPs per token "
-                 f"(N = {n / 1e9:.2f}B multiplied weights: forward 2N, input gradients 2N"
-                 f"{', weight gradients 2N' if not m.adapter else ' (frozen base: no weight gradients)'}"
-                 f"{', recomputation 2N of the layers' if gc else ''})")
-    weight_flops = dora_bytes = 0.0
-    if m.adapter:
-        r = s.adapter.rank
-        targeted = s.targeted()  # computed once: peft's matching of target_modules
-        thin = sh.num_layers * sum(2 * r * (lin.in_features + lin.out_features) * lin.experts * lin.active
-                                   * lin.layer_share for lin in targeted)
-        matmul += thin * tokens * (3 + (1 if gc else 0))
-        if m.dora and s.adapter.dropout > 0:
-            w = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active * lin.layer_share
-                                    for lin in targeted)
-            matmul += (6 if gc else 4) * w * tokens
-            share = (6 if gc else 4) * w / ((4 + (2 if gc else 0)) * n)
-            notes.append(f"DoRA with dropout {s.adapter.dropout:g}: every adapted module's base matmul runs again on "
-                         f"the dropped input (peft's DoraLinearVariant), +{share:.0%} matmul FLOPs")
-        if m.dora:
-            passes = 2 if gc else 1
-            per = sum((2 * lin.in_features ** 2 * r + (2 * r + 3) * lin.in_features * lin.out_features) * lin.experts
-                      * lin.layer_share for lin in targeted)
-            weight_flops = passes * sh.num_layers * per
-            stored = 2.5 if m.quantized else s.compute_bytes  # QDoRA de-quantizes W for the norm
-            per_bytes = sum(((stored + DORA_BYTES_OVER_WEIGHT) * lin.in_features * lin.out_features
-                             + 8 * lin.in_features ** 2) * lin.experts * lin.layer_share for lin in targeted)
-            dora_bytes = passes * sh.num_layers * per_bytes
-            notes.append(f"DoRA: the weight norm is recomputed every forward pass ({passes}× per micro-step): "
-                         f"{dora_bytes / 1e9:.1f} GB of memory traffic")
+    notes = [f"matmuls: {(6 if not m.adapter else 4) + (2 if gc else 0) * n_layers / n:.1f}·N FLOPs per token "
+             f"(N = {n / 1e9:.2f}B multiplied weights: forward 2N, input gradients 2N"
+             f"{', weight gradients 2N' if not m.adapter else ' (frozen base: no weight gradients)'}"
+             f"{', recomputation 2N of the layers' if gc else ''})"]
+    adapter_matmul, weight_flops, dora_bytes = _adapter_work(m, s, tokens, n, notes) if m.adapter else (0.0, 0.0, 0.0)
+    attention = _attention_work(s, tokens, pairs, notes)
+    dequant = _dequant_work(s, notes) if m.quantized else 0.0
+    opt, accumulate = optimizer_bytes(method, s, optimizer, shards, trainable_bytes)
+    passes = s.shape.num_layers * (3 if gc else 2)
+    return StepWork(matmul + adapter_matmul, attention, weight_flops, dequant, dora_bytes, accumulate, opt, passes,
+                    tuple(notes))
+
+
+def _adapter_work(m, s: Setup, tokens: float, n: float, notes: list[str]) -> tuple[float, float, float]:
+    """(the adapters' matmul FLOPs, DoRA's weight-norm FLOPs, DoRA's weight-norm memory traffic) of a micro-step."""
+    sh, gc, r = s.shape, s.geometry.gradient_checkpointing, s.adapter.rank
+    targeted = s.targeted()  # computed once: peft's matching of target_modules
+    thin = sh.num_layers * sum(2 * r * (lin.in_features + lin.out_features) * lin.experts * lin.active
+                               * lin.layer_share for lin in targeted)
+    matmul = thin * tokens * (3 + (1 if gc else 0))
+    if not m.dora:
+        return matmul, 0.0, 0.0
+    if s.adapter.dropout > 0:
+        w = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.active * lin.layer_share
+                                for lin in targeted)
+        matmul += (6 if gc else 4) * w * tokens
+        share = (6 if gc else 4) * w / ((4 + (2 if gc else 0)) * n)
+        notes.append(f"DoRA with dropout {s.adapter.dropout:g}: every adapted module's base matmul runs again on "
+                     f"the dropped input (peft's DoraLinearVariant), +{share:.0%} matmul FLOPs")
+    passes = 2 if gc else 1
+    per = sum((2 * lin.in_features ** 2 * r + (2 * r + 3) * lin.in_features * lin.out_features) * lin.experts
+              * lin.layer_share for lin in targeted)
+    stored = 2.5 if m.quantized else s.compute_bytes  # QDoRA de-quantizes W for the norm
+    per_bytes = sum(((stored + DORA_BYTES_OVER_WEIGHT) * lin.in_features * lin.out_features
+                     + 8 * lin.in_features ** 2) * lin.experts * lin.layer_share for lin in targeted)
+    dora_bytes = passes * sh.num_layers * per_bytes
+    notes.append(f"DoRA: the weight norm is recomputed every forward pass ({passes}× per micro-step): "
+                 f"{dora_bytes / 1e9:.1f} GB of memory traffic")
+    return matmul, passes * sh.num_layers * per, dora_bytes
+
+
+def _attention_work(s: Setup, tokens: float, pairs: float, notes: list[str]) -> float:
+    """Attention's FLOPs over the query-key pairs: forward, backward and (with checkpointing) recomputation."""
+    sh, gc = s.shape, s.geometry.gradient_checkpointing
     fwd_attn = 4 * sh.num_heads * sh.head_dim * _attention_layers(s, tokens, pairs)
-    back = EAGER_BACKWARD if g.attention == "eager" else FLASH_BACKWARD
+    back = EAGER_BACKWARD if s.geometry.attention == "eager" else FLASH_BACKWARD
     attention = fwd_attn * (1 + back + (1 if gc else 0))
     notes.append(f"attention: {attention / max(tokens, 1) / 1e9:.2f} GFLOP per position (forward 4·d per query-key "
                  f"pair, backward {back:g}× it{', recomputed' if gc else ''})")
-    dequant = 0.0
-    if m.quantized:
-        quantized = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.layer_share
-                                        for lin in sh.linears)
-        passes = 3 if gc else 2
-        dequant = passes * DEQUANT_BYTES * quantized
-        notes.append(f"4-bit: every pass de-quantizes the weights ({passes}× per micro-step, "
-                     f"{dequant / 1e9:.0f} GB of memory traffic, independent of the micro-batch)")
-    opt, accumulate = optimizer_bytes(method, s, optimizer, shards, trainable_bytes)
-    passes = sh.num_layers * (3 if gc else 2)
-    return StepWork(matmul, attention, weight_flops, dequant, dora_bytes, accumulate, opt, passes, tuple(notes))
+    return attention
+
+
+def _dequant_work(s: Setup, notes: list[str]) -> float:
+    """Bytes of NF4 de-quantization per micro-step: every pass over the 4-bit weights."""
+    sh = s.shape
+    quantized = sh.num_layers * sum(lin.in_features * lin.out_features * lin.experts * lin.layer_share
+                                    for lin in sh.linears)
+    passes = 3 if s.geometry.gradient_checkpointing else 2
+    dequant = passes * DEQUANT_BYTES * quantized
+    notes.append(f"4-bit: every pass de-quantizes the weights ({passes}× per micro-step, "
+                 f"{dequant / 1e9:.0f} GB of memory traffic, independent of the micro-batch)")
+    return dequant
