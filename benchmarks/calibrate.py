@@ -7,6 +7,10 @@ On CPU it measures peak live tensor bytes (runtime.memprobe.LiveTensorBytes, wha
 torch.cuda.max_memory_allocated would report) and the process's peak RSS delta; on CUDA,
 max_memory_allocated / max_memory_reserved. Models are built from configs with random weights,
 saved with save_pretrained and loaded back through runtime.model.load_model.
+
+Each dense row carries a `split` (split_of: fit | held-out by a hash of the run id; "new" for --matrix holdout, the
+rows measured after the constants were fitted); benchmarks/calibrate_fit.py fits on "fit" rows only. Re-predicting a
+table (--repredict, calibrate_fit.py, the tests) needs the planner only, not torch.
 """
 
 from __future__ import annotations
