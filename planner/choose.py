@@ -30,6 +30,7 @@ from . import rules
 from .advice import nothing_fits_headline, what_would_fit
 from .explain import NOMINAL_EXAMPLES, paging_reason, parallel_reason, warnings_for, why_not
 from .hyper import Choice, accumulation_for, choose_hyperparameters, steps_per_epoch
+from .local_correction import corrected_memory, corrected_time
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import PagingCost, host_link_gbps, needed_bytes, paging_cost
@@ -212,7 +213,7 @@ def _candidate(spec: Spec, report: EstimateReport, method: str, hyper: dict[str,
                 padded=masked)
     s = engine_setup(replace(base, geometry=g, optimizer=opt, adapter=adapter, offload=offload), method, par, used)
     single = estimate(method, s)
-    est = shard(single, s, par, used)
+    est = corrected_memory(shard(single, s, par, used), report.corrections.get(method))
     need = needed_bytes(est, dev)
     fits = need <= report.usable_bytes
     paged = paging_cost(est, dev, report.usable_bytes) if fits else None
@@ -243,6 +244,7 @@ def _time(spec: Spec, report: EstimateReport, method: str, s: Setup, single: Mem
                        shards=used if sharded else 1, tflops=spec.hardware.tflops, trainable_bytes=upcast)
     if tm is None:
         return None, float("inf"), 0.0
+    tm = corrected_time(tm, report.corrections.get(method))
     steps = tm.optimizer_steps
     notes = list(tm.assumptions)
     extra = [0.0, 0.0, 0.0]  # best, middle, worst
@@ -367,12 +369,14 @@ def _lengths(spec: Spec, seq_len: int, histogram: dict | None) -> Lengths | None
     return None
 
 
-def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None = None) -> PlanResult:
-    """Plan `spec`. `lengths`: the data's token-length histogram {tokens: examples} when the data was read.
+def plan_spec(spec: Spec, *, base_dir: Path | None = None, lengths: dict | None = None,
+              calibration=None) -> PlanResult:
+    """Plan `spec`. `lengths`: the data's token-length histogram {tokens: examples} when the data was read;
+    `calibration`: the user's local calibration (planner/local_calibration.Store), applied before any decision.
 
     Each method's candidates are estimated, each method's best kept; the allowed methods that fit within the caps are
     viable, one is chosen (planner/rules.py), and the rest are rejected with the reason."""
-    report = estimate_spec(spec, base_dir=base_dir)
+    report = estimate_spec(spec, base_dir=base_dir, calibration=calibration)
     measured = _lengths(spec, report.resolved.setup.geometry.seq_len, lengths)
     situation = rules.Situation(priority=spec.objective.priority, num_examples=spec.data.num_examples)
     hypers = {m: choose_hyperparameters(m, report.model.shape.parameters, spec.data.num_examples, spec.method,

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__ as VERSION
+from . import assumptions as A
 from ..schemas import Problem, Spec, SpecError
 from .choose import Candidate, PlanResult
 from .report import EstimateReport
@@ -137,12 +138,14 @@ def model_location(model: ResolvedModel) -> str:
 _dur = duration
 
 
-def peak_by_row_length(c) -> list[list[int]]:
+def peak_by_row_length(c, correction=None) -> list[list[int]]:
     """[row length, predicted peak allocated bytes] at the chosen micro-batch for rows shorter than seq_len: padded
     batches are only as long as their longest row, so the run compares its measured peak with the prediction for
-    the shape it measured (interpolated between these), not only with full seq_len rows."""
+    the shape it measured (interpolated between these), not only with full seq_len rows. `correction`: the local
+    calibration the plan applied."""
     from dataclasses import replace
 
+    from .local_correction import corrected_memory
     from .parallel import per_device
 
     g = c.setup.geometry
@@ -150,7 +153,7 @@ def peak_by_row_length(c) -> list[list[int]]:
     out = []
     for n in lengths:
         s = replace(c.setup, geometry=replace(g, seq_len=n))
-        est = per_device(c.method, s, c.parallelism, c.devices)
+        est = corrected_memory(per_device(c.method, s, c.parallelism, c.devices), correction)
         out.append([n, int(est.peak_allocated_bytes)])
     return out
 
@@ -304,7 +307,7 @@ def _launch(c: Candidate, rep: EstimateReport) -> dict:
 
 def _prediction(c: Candidate, rep: EstimateReport) -> dict:
     """plan.toml's [prediction]: what the run's own measurements are compared with (-1: unknown)."""
-    t = c.time
+    t, correction = c.time, rep.corrections.get(c.method)
     return {"device": rep.hardware.device.id, "devices": c.devices,
             "peak_allocated_bytes": c.estimate.peak_allocated_bytes,
             "device_total_bytes": c.estimate.device_total_bytes,
@@ -313,7 +316,12 @@ def _prediction(c: Candidate, rep: EstimateReport) -> dict:
             "high_seconds": round(t.high_seconds, 1) if t else -1.0,
             "cost_usd": round(c.cost_usd, 2) if c.cost_usd is not None else -1.0,
             "tokens_per_second": round(t.useful_tokens / t.seconds, 1) if t else -1.0,
-            "peak_by_row_length": peak_by_row_length(c)}
+            "peak_by_row_length": peak_by_row_length(c, correction),
+            "device_memory_bytes": rep.memory_bytes, "headroom_fraction": A.FIT_HEADROOM_FRACTION,
+            # the local calibration's factors (1: none): `peftplan calibrate` divides them out again
+            "memory_correction": correction.memory if correction and correction.memory else 1.0,
+            "tokens_per_second_correction": (correction.tokens_per_second
+                                             if correction and correction.tokens_per_second else 1.0)}
 
 
 def _summary(result: PlanResult) -> dict:

@@ -11,6 +11,7 @@ from . import caveats
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import evictable_bytes, needed_bytes, usable_bytes
+from .local_correction import corrected_memory, corrections_for
 from .parallel import per_device
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
 from .setup import Resolved, build_setup, method_adapter
@@ -26,6 +27,7 @@ class EstimateReport:
     parallelism: dict[str, str] = field(default_factory=dict)
     requested_parallelism: str = "single"
     method_setups: dict[str, Setup] = field(default_factory=dict)
+    corrections: dict = field(default_factory=dict)  # method -> the local calibration's Correction on this device
 
     @property
     def devices(self) -> int:
@@ -102,8 +104,9 @@ class EstimateReport:
         }
 
 
-def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport:
-    """Resolve and estimate. Raises SpecError (exit 2) for problems in the user's input."""
+def estimate_spec(spec: Spec, *, base_dir: Path | None = None, calibration=None) -> EstimateReport:
+    """Resolve and estimate. Raises SpecError (exit 2) for problems in the user's input. `calibration`: the user's
+    local calibration (planner/local_calibration.Store), applied to each method's per-device estimate."""
     problems: list[Problem] = []
     model = hardware = None
     try:
@@ -128,8 +131,11 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     resolved = replace(resolved, warnings=resolved.warnings + tuple(moe))
     devices = hardware.devices
     requested = spec.training.parallelism if devices > 1 else "single"
-    report = EstimateReport(model, hardware, resolved, singles, {name: "single" for name in singles},
-                            "single" if devices == 1 else requested, setups)
+    corrections = corrections_for(calibration, hardware.device.id, METHODS)
+    report = EstimateReport(model, hardware, resolved,
+                            {name: corrected_memory(est, corrections.get(name)) for name, est in singles.items()},
+                            {name: "single" for name in singles}, "single" if devices == 1 else requested, setups,
+                            corrections)
     if devices == 1:
         return report
     # Several devices: per-device numbers under the spec's parallelism; with "auto", plain data
@@ -138,7 +144,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None) -> EstimateReport
     estimates, chosen = {}, {}
     for name, single in singles.items():
         for par in options:
-            est = per_device(name, setups[name], par, devices)
+            est = corrected_memory(per_device(name, setups[name], par, devices), corrections.get(name))
             if report.fits(est) or par == options[-1]:
                 estimates[name], chosen[name] = est, par
                 break

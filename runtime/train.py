@@ -20,11 +20,11 @@ from .checkpoints import (CheckpointMismatch, check_matches_plan, checkpoint_is_
 from .config import ConfigError, RunConfig, data_arguments, load_config, resolve_path
 from .lock import Busy, hold_run_lock, interrupted_generation
 from .messages import say
+from .probe import EXIT_NOFIT as EXIT_PROBE_NOFIT, EXIT_TIGHT as EXIT_PROBE_TIGHT  # --probe's verdicts
 from .tracking import TrackingError, start_tracking
 from .cli_args import positive
 
 EXIT_INPUT, EXIT_NAN = 2, 4
-EXIT_PROBE_NOFIT, EXIT_PROBE_TIGHT = 5, 6  # runtime/probe.py: the probe's step does not fit / fits within the headroom
 
 
 def parse_args(argv=None, default_config: Path | None = None):

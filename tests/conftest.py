@@ -13,3 +13,11 @@ def no_registered_describer():
     resolve.set_describer(None)
     yield
     resolve.set_describer(saved)
+
+
+@pytest.fixture(autouse=True)
+def no_local_calibration(tmp_path_factory, monkeypatch):
+    """`estimate`, `plan` and `generate` apply the user's local calibration (PEFTPLAN_CONFIG_DIR, else
+    ~/.config/peftplan): a developer's own file must not change what the tests compute. An empty folder per session;
+    tests of the calibration point the variable elsewhere themselves."""
+    monkeypatch.setenv("PEFTPLAN_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "no-local-calibration"))
