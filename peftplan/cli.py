@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .console import emit
@@ -15,6 +16,7 @@ from .console import emit
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 EXIT_OK, EXIT_ERROR, EXIT_INPUT, EXIT_NOFIT = 0, 1, 2, 3
+PROBE_VERDICTS = (5, 6)  # `run --probe`: the step does not fit / fits within the headroom (runtime/probe.py)
 
 
 def _console(stderr: bool = False):
@@ -71,14 +73,45 @@ def cmd_estimate(args) -> int:
     from .planner.report import estimate_spec, render
 
     spec = _load(args.spec)
-    report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent)
-    if args.exact or report.model.described:
-        report = _exact(report, quiet=args.json, automatic=not args.exact)
+    store = None if args.no_local_calibration or args.exact else _local_calibration()
+    report = estimate_spec(spec, base_dir=Path(args.spec).resolve().parent, calibration=store)
+    if args.exact or report.model.described:  # traced: the ratios were measured against the closed form
+        report = replace(_exact(report, quiet=args.json, automatic=not args.exact), corrections={})
+        store = None
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        out = report.to_json()
+        if store is not None:
+            out["local_calibration"] = as_json(list(report.corrections.values()), store)
+        print(json.dumps(out, indent=2))
     else:
         render(report, _console(), explain=args.explain)
+        _say_calibration(report.corrections, store)
     return EXIT_NOFIT if report.nothing_fits else EXIT_OK  # the table still prints: what would need how much
+
+
+def _local_calibration():
+    """The user's local calibration (planner/local_calibration.py); a file it cannot use is a warning."""
+    from .planner.local_calibration import load
+
+    store = load()
+    for w in store.warnings:
+        emit(f"warning: local calibration: {w}", sys.stderr)
+    return store
+
+
+def _say_calibration(corrections: dict, store) -> None:
+    """One line per correction the estimate or plan applied."""
+    if store is not None:
+        from .planner.local_correction import summary
+
+        for line in summary(list(corrections.values()), store):
+            emit(line, sys.stdout)
+
+
+def as_json(applied: list, store) -> dict:
+    from .planner.local_correction import as_json as corrections_json
+
+    return corrections_json(applied, store)
 
 
 def cmd_plan(args) -> int:
@@ -86,8 +119,9 @@ def cmd_plan(args) -> int:
     from .planner.plan_report import plan_json, render_plan
 
     spec, check = _with_data(_load(args.spec), args.spec)
+    store = None if args.no_local_calibration else _local_calibration()
     try:
-        result = plan_spec(spec, base_dir=Path(args.spec).resolve().parent, lengths=check.lengths)
+        result = plan_spec(spec, base_dir=Path(args.spec).resolve().parent, lengths=check.lengths, calibration=store)
         code = EXIT_OK
     except NothingFits as exc:
         result, code = exc.plan, EXIT_NOFIT
@@ -99,9 +133,12 @@ def cmd_plan(args) -> int:
         out = plan_json(result)
         if check.summary is not None:
             out["data"] = check.summary.as_dict()
+        if store is not None:
+            out["local_calibration"] = as_json(list(result.report.corrections.values()), store)
         print(json.dumps(out, indent=2))
     else:
         render_plan(result, _console())
+        _say_calibration(result.report.corrections, store)
     return code
 
 
@@ -189,6 +226,31 @@ def cmd_gpus(args) -> int:
     return EXIT_OK
 
 
+def cmd_import(args) -> int:
+    """An axolotl / LLaMA-Factory config as a spec (planner/imports): to stdout, or to -o without replacing a file."""
+    from . import __version__
+    from .planner.imports import import_config, summary, to_toml, write_spec
+
+    out = Path(os.path.abspath(os.path.expanduser(args.output))) if args.output else None
+    result = import_config(args.config, gpu=args.gpu, count=args.count, model=args.model,
+                           out_dir=out.parent if out is not None else Path.cwd())
+    text = to_toml(result, args.config, __version__)
+    if out is None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        try:
+            write_spec(out, text, force=args.force)
+        except OSError as exc:
+            emit(f"peftplan import: cannot write {out}: {exc.strerror or exc}", sys.stderr)
+            return EXIT_ERROR
+    for line in summary(result, args.config):
+        emit(line, sys.stderr)
+    if out is not None:
+        emit(f"wrote {out}; next: peftplan estimate {out} (plan and generate work on it as on any spec)", sys.stderr)
+    return EXIT_OK
+
+
 def cmd_generate(args) -> int:
     from .planner.choose import NothingFits, plan_spec
     from .planner.project import ConflictError, GenerateError, f_sh, generate
@@ -198,7 +260,8 @@ def cmd_generate(args) -> int:
     out = Path(os.path.abspath(os.path.expanduser(args.output)))
     _require_utf8({"the spec's path": spec_path, "-o": out, "data.path": spec.data.path})
     try:
-        result = plan_spec(spec, base_dir=spec_path.parent, lengths=check.lengths)
+        store = None if args.no_local_calibration else _local_calibration()
+        result = plan_spec(spec, base_dir=spec_path.parent, lengths=check.lengths, calibration=store)
     except NothingFits as exc:
         emit(f"{args.spec}: {exc}", sys.stderr)
         for line in exc.plan.suggestions:
@@ -263,20 +326,69 @@ def cmd_run(args) -> int:
     from .runtime.config import load_config
 
     d = _project(args.dir)
+    if args.probe and (args.max_steps is not None or args.resume):
+        from .schemas import Problem, SpecError
+
+        raise SpecError([Problem("", "--probe trains nothing: it cannot be combined with --max-steps or --resume")])
     extra = []
     if args.max_steps is not None:
         extra += ["--max-steps", str(args.max_steps)]
     if args.resume:
         extra.append("--resume")
-    launch = load_config(d / "plan.toml").launch
+    config = load_config(d / "plan.toml")
+    launch = config.launch
     processes = launch["devices_per_node"] * launch["nodes"]
     if processes > 1:
         port = ["--main_process_port", os.environ["MAIN_PROCESS_PORT"]] if os.environ.get("MAIN_PROCESS_PORT") else []
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
-               *port, "train.py", *extra]
+               *port, "train.py"]
     else:
-        cmd = [sys.executable, "train.py", *extra]
-    return subprocess.call(cmd, cwd=d)
+        cmd = [sys.executable, "train.py"]
+    if args.probe or (not args.no_probe and _cuda_available()):  # on CUDA an OOM shows in minute one, not hour five
+        code = _probe(cmd, d, config.output_dir / "metrics.jsonl")
+        if args.probe or code != EXIT_OK:
+            if not args.probe and code in PROBE_VERDICTS:
+                emit("peftplan run: training not started (the probe's advice is above); --no-probe trains anyway",
+                     sys.stderr)
+            return code
+        emit("peftplan run: the probe's step fits; training", sys.stderr)
+    return subprocess.call(cmd + extra, cwd=d)
+
+
+def _cuda_available() -> bool:
+    """Whether training will run on CUDA: no NVIDIA/ROCm device node on Linux is a quick no; else torch says."""
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd")):
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _probe(cmd: list[str], d: Path, metrics: Path) -> int:
+    """Run `train.py --probe` (through the plan's launcher). Its exit code; under a multi-process launcher, which
+    reports any rank's failure as 1, the verdict the main process wrote in its record."""
+    import subprocess
+    import time
+
+    started = time.time()
+    code = subprocess.call(cmd + ["--probe"], cwd=d)
+    if code in (EXIT_OK, EXIT_INPUT, *PROBE_VERDICTS):
+        return code
+    try:
+        lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return code
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == "probe" and isinstance(rec.get("time"), (int, float)):
+            return rec.get("exit_code", code) if rec["time"] >= started and rec.get("exit_code") in PROBE_VERDICTS \
+                else code
+    return code
 
 
 def cmd_merge(args) -> int:
@@ -320,9 +432,52 @@ def cmd_push(args) -> int:
     return subprocess.call(cmd, cwd=d)
 
 
+def cmd_calibrate(args) -> int:
+    from .planner import local_calibration as lc
+
+    if args.clear:
+        if args.runs:
+            from .schemas import Problem, SpecError
+
+            raise SpecError([Problem("", "--clear forgets the whole local calibration: give it no run folders")])
+        path = lc.store_path()
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        emit(f"removed {path}" if existed else f"no local calibration at {path}")
+        return EXIT_OK
+    if not args.runs:
+        store = _local_calibration()
+        if not store.corrections:
+            emit(f"no local calibration at {store.path} yet: peftplan calibrate RUN_DIR ... (projects that ran)")
+        for c in store.corrections.values():
+            emit(f"{c.describe()} ({len(c.runs)} project{'s' * (len(c.runs) != 1)})")
+        return EXIT_OK
+    try:
+        store, reading = lc.calibrate(args.runs)
+    except lc.CalibrationError as exc:
+        for line in exc.problems:
+            emit(f"peftplan calibrate: {line}", sys.stderr)
+        return EXIT_INPUT
+    for line in reading.skipped:
+        emit(f"skipped: {line}", sys.stderr)
+    for line in reading.refused:
+        emit(f"refused: {line}", sys.stderr)
+    for line in store.warnings:
+        emit(f"warning: {line}", sys.stderr)
+    if not reading.samples:
+        emit(f"peftplan calibrate: no usable measured-vs-predicted record in {', '.join(args.runs)}; "
+             f"{store.path} is unchanged", sys.stderr)
+        return EXIT_INPUT
+    emit(f"{len(reading.samples)} record(s) read; {store.path} now holds {len(store.samples)}:")
+    for c in store.corrections.values():
+        emit(f"  {c.describe()}")
+    return EXIT_OK
+
+
 COMMANDS = {"estimate": cmd_estimate, "plan": cmd_plan, "validate": cmd_validate, "schema": cmd_schema,
             "models": cmd_models, "gpus": cmd_gpus, "generate": cmd_generate, "run": cmd_run, "merge": cmd_merge,
-            "sample": cmd_sample, "push": cmd_push}
+            "sample": cmd_sample, "push": cmd_push, "calibrate": cmd_calibrate}
+COMMANDS["import"] = cmd_import
 
 
 def main(argv: list[str] | None = None) -> int:

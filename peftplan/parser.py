@@ -22,6 +22,10 @@ EXIT_CODES = (
         "objective.max_hours / objective.budget_usd. The message says what would fit or meet the caps"),
     (4, "`run`: the loss became NaN or infinite; training stopped before applying the step, the last checkpoint "
         "is good"),
+    (5, "`run --probe` (and the probe `run` starts with on CUDA): the plan's worst-case step does not fit this "
+        "device — out of memory, or more than its memory. The message says which spec keys would lower it"),
+    (6, "`run --probe`: the step fits, but inside the planner's safety headroom (5% of the device's memory): too "
+        "tight to start a long run. The message says which spec keys would lower it"),
     (130, "interrupted (Ctrl-C)"),
 )
 
@@ -34,6 +38,8 @@ def _command(sub, name: str, summary: str, description: str, examples: list[str]
 
 SPEC_HELP = "the spec: a TOML file (see docs/spec.md)"
 DIR_HELP = "a project folder written by peftplan generate"
+NO_CALIBRATION_HELP = ("leave out the local correction `peftplan calibrate` fitted from your runs on this device "
+                       "(applied by default, and said so)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", action="store_true", help="every term of each method's peak, with its formula")
     s.add_argument("--exact", action="store_true",
                    help="trace one training step on fake tensors instead of the closed form (needs the [train] extra)")
+    s.add_argument("--no-local-calibration", action="store_true", help=NO_CALIBRATION_HELP)
 
     s = _command(sub, "plan", "choose a method and settings that fit, with reasons, time and cost",
                  "Choose the method, hyperparameters and batch geometry that fit, with the reasons, the time and the "
@@ -63,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                  ["peftplan plan spec.toml", "peftplan plan spec.toml --json > plan.json"])
     s.add_argument("spec", help=SPEC_HELP)
     s.add_argument("--json", action="store_true", help="machine-readable output (docs/json.md)")
+    s.add_argument("--no-local-calibration", action="store_true", help=NO_CALIBRATION_HELP)
 
     s = _command(sub, "validate", "check a spec and its data, report every problem at once",
                  "Check the spec (every key), the model's config.json and the data files; every problem at once, "
@@ -91,16 +99,51 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the project folder: new, empty, or a peftplan project (with --force)")
     s.add_argument("--force", action="store_true",
                    help="regenerate a peftplan project: replaces only the files peftplan wrote and you did not edit")
+    s.add_argument("--no-local-calibration", action="store_true", help=NO_CALIBRATION_HELP)
+
+    s = _command(sub, "import", "read an axolotl or LLaMA-Factory config into a spec; list what was not mapped",
+                 "Read an axolotl or LLaMA-Factory training YAML and write a commented spec that pins every setting "
+                 "that changes memory, time or the method to the value that tool runs with (its defaults included), "
+                 "so that `peftplan estimate` describes that run. Every key not mapped is listed with why, and where "
+                 "the estimate differs from the tool's run the spec says which terms (docs/import.md). The spec goes "
+                 "to stdout unless -o is given; the summary and the estimate of the config's method go to stderr.",
+                 ["peftplan import qlora.yml --gpu RTX-4090 -o spec.toml",
+                  "peftplan import llama3_lora_sft.yaml --gpu A100-80GB > spec.toml",
+                  "peftplan import qlora-fsdp-70b.yaml --gpu RTX-3090 --count 2 --model meta-llama/Meta-Llama-3-70B "
+                  "-o spec.toml"])
+    s.add_argument("config", help="an axolotl or LLaMA-Factory training config (YAML)")
+    s.add_argument("--gpu", metavar="NAME",
+                   help="the device to plan for, as in hardware.gpu (default: A100-80GB, marked as assumed)")
+    s.add_argument("--count", type=positive, metavar="N",
+                   help="devices per node (default: 1, or 2 when the config shards with DeepSpeed or FSDP)")
+    s.add_argument("--model", metavar="NAME",
+                   help="estimate with this model instead of the config's (a catalog id, a local model folder or a "
+                        "config.json): for a copy of a model under a name the catalog does not know")
+    s.add_argument("-o", "--output", metavar="SPEC",
+                   help="write the spec to this file (default: stdout); an existing file is refused")
+    s.add_argument("--force", action="store_true", help="replace an existing -o file")
 
     s = _command(sub, "run", "train a generated project with its bundled runtime",
                  "Train a generated project (one process, or accelerate launch for several devices). One run per "
-                 "project at a time.", ["peftplan run out/my-run", "peftplan run out/my-run --max-steps 5",
-                                        "peftplan run out/my-run --resume"])
+                 "project at a time. On CUDA it first probes the plan's worst-case step (exit 5 or 6 with advice "
+                 "when it does not fit or leaves less than the headroom), so an out-of-memory error comes in the "
+                 "first minute, not hours into the run; on the CPU it does not probe unless asked.",
+                 ["peftplan run out/my-run", "peftplan run out/my-run --max-steps 5",
+                  "peftplan run out/my-run --resume",
+                  "peftplan run out/my-run --probe      # measure the worst-case step only, train nothing"])
     s.add_argument("dir", help=DIR_HELP)
     s.add_argument("--max-steps", type=positive, default=None, metavar="N",
                    help="stop after N optimizer steps (a smoke test)")
     s.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint that reads back (older ones if it is damaged)")
+    probe = s.add_mutually_exclusive_group()
+    probe.add_argument("--probe", action="store_true",
+                       help="only probe: load the model as planned, run optimizer steps on micro-batch × full seq_len "
+                            "rows, report the measured peak memory and step time next to the prediction "
+                            "(outputs/metrics.jsonl); trains nothing further, saves no adapter or checkpoint")
+    probe.add_argument("--no-probe", action="store_true",
+                       help="on CUDA, train without the probe that otherwise comes first (the CPU never probes "
+                            "unless asked)")
 
     s = _command(sub, "merge", "merge a trained adapter into a 16-bit copy of the base",
                  "Merge outputs/final into a copy of the base model (de-quantized for QLoRA/QDoRA, never "
@@ -136,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--merged", action="store_true", help="push outputs/merged instead of the adapter")
     s.add_argument("--private", action="store_true", help="create the repository private")
     s.add_argument("--dry-run", action="store_true", help="write the card and list the files; upload nothing")
+
+    s = _command(sub, "calibrate", "fit a local correction (device model × method) from your runs' measurements",
+                 "Read the measured-vs-predicted records of runs (outputs/metrics.jsonl: probes, each run's peak memory "
+                 "and tokens/s) and keep, per device model × method, the median ratio as a correction that "
+                 "`estimate` and `plan` apply and name. Stored with the runs it came from in "
+                 "$PEFTPLAN_CONFIG_DIR, else $XDG_CONFIG_HOME/peftplan or ~/.config/peftplan (calibration.json). "
+                 "A record that ran on another device than its plan's, or whose ratio is outside the sane band "
+                 "(memory 0.8–1.25, tokens/s 0.33–3), is refused with the reason. Without run folders: show it.",
+                 ["peftplan calibrate out/run-a out/run-b", "peftplan calibrate",
+                  "peftplan calibrate --clear"])
+    s.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help="project folders that ran (peftplan run, or peftplan run --probe); a folder read again "
+                        "replaces what it gave before")
+    s.add_argument("--clear", action="store_true", help="forget the local calibration (delete its file)")
     return p
 
 

@@ -164,6 +164,11 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
     )
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
     problems = check_against_model(spec, model, setup) + precision_problems(spec, device)
+    if packing and geometry.attention == "flash_attention_2" and (t.micro_batch_size or 1) > 1:
+        problems.append(Problem("training.micro_batch_size", f"{t.micro_batch_size} with data.packing = true under "
+                                "training.attention = \"flash_attention_2\": transformers runs plain causal attention "
+                                "over a batch of packed rows there (examples would attend to each other); set "
+                                "micro_batch_size = 1, or attention = \"sdpa\" (a block-diagonal mask)"))
     if not model.shape.calibrated and not model.described:  # a described shape's note says it already
         problems.append(Problem("model.name", f"model_type {model.shape.model_type!r}: the activation formulas were not "
                                 "checked against measured training steps of this architecture (benchmarks/calibrate*.py); "

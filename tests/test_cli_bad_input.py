@@ -343,3 +343,15 @@ def test_the_no_torch_check_can_fail(tmp_path):
                        tmp_path)
     assert proc.returncode != 0
     assert "torch" in proc.stderr
+
+
+def test_packed_micro_batches_under_flash_attention_are_a_spec_error(tmp_path, capsys):
+    """No geometry exists for them (planner/choose.py's _geometries): once an internal error (min of nothing)."""
+    from peftplan.cli import main
+
+    spec = tmp_path / "s.toml"
+    spec.write_text('[model]\nname = "meta-llama/Meta-Llama-3-8B"\n[data]\nnum_examples = 1000\npacking = true\n'
+                    '[hardware]\ngpu = "A100-80GB"\n[training]\nmicro_batch_size = 2\nattention = "flash_attention_2"\n')
+    assert main(["plan", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "training.micro_batch_size" in err and "s.toml:9" in err and "internal error" not in err
