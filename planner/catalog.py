@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .rules import CPU_FP32_TFLOPS
+
 DATA = Path(__file__).with_name("data")
 
 
@@ -276,7 +278,7 @@ def cpu_device(memory_bytes: int) -> Device:
         bf16=False,
         bf16_tflops=0.0,
         fp16_tflops=0.0,
-        fp32_tflops=1.0,  # order of magnitude for a many-core server CPU; refined by the planner issue
+        fp32_tflops=CPU_FP32_TFLOPS,  # a judgement (planner/rules.py); hardware.tflops replaces it
         memory_bandwidth_gbps=50.0,
         interconnect="none",
         interconnect_gbps=0.0,

@@ -158,3 +158,16 @@ OFFLOAD_BATCH_GAIN = 2
 # ablation found rank mattered little once every layer is adapted), with the recipe's α/r kept, and says so; a rank
 # the user set is never changed.
 FALLBACK_RANK = 16
+
+
+# --- judgements behind the time model's additions ------------------------------------------------------------------
+# Communication hidden behind compute: FSDP prefetches the next unit's all-gather during the current one's compute and
+# DDP reduces gradient buckets while backward continues, but how much overlaps depends on the link, the bucket sizes and
+# the kernels; no published run in docs/published_throughput.toml separates it. Half is a judgement, not a fit: the
+# plan shows the communication it did not hide as an assumption, so a user can see what this constant carries.
+COMM_OVERLAP = 0.5
+
+# The CPU's throughput when the spec gives no hardware.tflops: 1 fp32 TFLOPS is the order of magnitude of a many-core
+# server CPU's vector units (an AVX-512 core ≈ 32 fp32 FLOP/cycle × 3 GHz ≈ 0.1 TFLOPS; ~10 cores busy with matmuls).
+# A judgement: CPU plans say their time is indicative, and hardware.tflops replaces it.
+CPU_FP32_TFLOPS = 1.0
