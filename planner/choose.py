@@ -57,7 +57,7 @@ OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit")  # 32-bit, 8-bit,
 class NothingFits(Exception):
     """A valid spec that no candidate satisfies (exit 3). The message says what would."""
 
-    def __init__(self, message: str, plan: "PlanResult"):
+    def __init__(self, message: str, plan: PlanResult):
         super().__init__(message)
         self.plan = plan
 
@@ -130,7 +130,8 @@ def _adapter_variants(report: EstimateReport, method: str, hyper: dict[str, Choi
     variants = [chosen]
     if METHODS[method].dora and chosen.dropout > 0 and not hyper["dropout"].user_set:
         variants.append(replace(chosen, dropout=0.0))
-    if not hyper["rank"].user_set and chosen.rank > rules.FALLBACK_RANK:  # tried only where the recipe's rank does not fit
+    # tried only where the recipe's rank does not fit
+    if not hyper["rank"].user_set and chosen.rank > rules.FALLBACK_RANK:
         low = rules.FALLBACK_RANK
         alpha = chosen.alpha if hyper["alpha"].user_set else chosen.alpha * low / chosen.rank  # the same α/r
         variants += [replace(v, rank=low, alpha=alpha) for v in variants]
@@ -280,7 +281,8 @@ def offload_seconds(s: Setup, dev, tm: TimeEstimate) -> tuple[float, str]:
     per_micro = tm.seconds / max(micro_steps, 1)
     extra = max(0.0, transfer - per_micro) * micro_steps
     return extra, (f"activation offloading: {sh.num_layers} × {x / 2**20:,.0f} MiB of layer inputs to host memory "
-                   f"and back every micro-step over {link} ({gbps:g} GB/s), {transfer:.3f} s against {per_micro:.3f} s of "
+                   f"and back every micro-step over {link} ({gbps:g} GB/s), {transfer:.3f} s against "
+                   f"{per_micro:.3f} s of "
                    f"compute: ~{duration(extra)} not hidden")
 
 
@@ -342,7 +344,8 @@ def _rank_choice(hyper: dict[str, Choice], c: Candidate) -> dict[str, Choice]:
     if "rank" not in hyper or int(hyper["rank"].value) == c.setup.adapter.rank:
         return hyper
     why = (f"{c.setup.adapter.rank}: the recipe's r={hyper['rank'].value} does not fit on this device; a lower rank "
-           "needs less adapter, gradient and optimizer memory (LoRA's quality is close across ranks: Hu et al. 2021 §7.2)")
+           "needs less adapter, gradient and optimizer memory (LoRA's quality is close across ranks: "
+           "Hu et al. 2021 §7.2)")
     out = {**hyper, "rank": Choice(c.setup.adapter.rank, why)}
     if not hyper["alpha"].user_set:
         out["alpha"] = Choice(c.setup.adapter.alpha, f"the recipe's α/r at r={c.setup.adapter.rank}")
@@ -540,21 +543,14 @@ def _given(spec: Spec) -> frozenset[str]:
 def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate], best: dict[str, Candidate],
             without_dropout: dict[str, Candidate], usable: int,
             roomy_full: Candidate | None = None) -> tuple[Candidate, list[str], str | None]:
-    """(chosen candidate, reasons, why its dropout was turned off — or None)."""
+    """(chosen candidate, reasons, why its dropout was turned off — or None): the method the spec sets, the one
+    objective.priority favours, or the first of the rules' preference order that fits and is worth its time."""
     prio = spec.objective.priority
     if spec.method.name != "auto":
         c = viable[spec.method.name]
         return c, [f"method.name = {spec.method.name!r} is set in the spec, and it fits"], None
-    if prio == "memory":
-        c = min(viable.values(), key=lambda c: c.needed_bytes)
-        return c, [f"objective.priority = memory: {c.method} needs the least memory ({gib(c.needed_bytes)})"], None
-    if prio in ("speed", "cost"):
-        key = (lambda c: c.seconds) if prio == "speed" else (lambda c: c.cost_usd if c.cost_usd is not None else c.seconds)
-        c = min(viable.values(), key=key)
-        what = f"~{duration(c.seconds)}" if prio == "speed" else (
-            f"~${c.cost_usd:,.2f}" if c.cost_usd is not None else f"~{duration(c.seconds)}")
-        return c, [f"objective.priority = {prio}: {c.method} is the {'fastest' if prio == 'speed' else 'cheapest'} "
-                   f"that fits ({what})"], None
+    if prio in ("memory", "speed", "cost"):
+        return (*_by_priority(prio, viable), None)
     reasons: list[str] = []
     for method, why in rules.preference(situation):
         c = viable.get(method)
@@ -563,36 +559,66 @@ def _choose(spec: Spec, situation: rules.Situation, viable: dict[str, Candidate]
                 reasons.append(f"{method} was preferred here ({why}) but does not fit")
             continue
         if not METHODS[method].adapter:  # full fine-tuning wants plentiful memory
-            spare = 1 - c.needed_bytes / usable
-            if spare < rules.FULL_FT_MIN_HEADROOM and roomy_full is not None:
-                reasons.append(f"full fine-tuning's fastest geometry leaves {spare:.0%} of the device free; a roomier "
-                               f"one leaves {1 - roomy_full.needed_bytes / usable:.0%} "
-                               f"({roomy_full.seconds / c.seconds:.2f}x its time)")
-                c = roomy_full
-            elif spare < rules.FULL_FT_MIN_HEADROOM:
-                reasons.append(f"full fine-tuning fits but leaves only {spare:.0%} of the device free "
-                               f"(wants ≥ {rules.FULL_FT_MIN_HEADROOM:.0%}): not plentiful")
+            c = _plentiful(c, roomy_full, usable, reasons)
+            if c is None:
                 continue
-        dropout_why = None
-        plain = viable.get(METHODS[method].plain or "")
-        if plain is not None and _slower(c, plain, prio):
-            p = c.setup.adapter.dropout
-            slow = (f"{method}{f' with dropout {p:g}' if p else ''} would take {c.seconds / plain.seconds:.1f}x "
-                    f"{plain.method}'s time (limit {rules.dora_max_slowdown(prio):g}x)")
-            alt = without_dropout.get(method)
-            if alt is None or _slower(alt, plain, prio):
-                reasons.append((slow if alt is None or c is alt else
-                                f"{slow}, {alt.seconds / plain.seconds:.1f}x without dropout") + ": not worth it here")
-                continue
-            c = alt
-            dropout_why = (f"0: {slow}, because peft then runs each adapted module's base matmul twice; without "
-                           f"dropout {alt.seconds / plain.seconds:.1f}x. The held-out loss watches for overfitting instead")
-            reasons.append(f"{slow}; {alt.seconds / plain.seconds:.1f}x without dropout: {method} kept, its dropout off")
+        c, dropout_why = _worth_its_time(c, viable, without_dropout.get(method), prio, reasons)
+        if c is None:
+            continue
         reasons.insert(0, why)
         reasons.append(f"fits: {gib(c.needed_bytes)} of {gib(usable)} usable per device")
         return c, reasons, dropout_why
     c = min(viable.values(), key=lambda c: c.seconds)
     return c, reasons + [f"{c.method}: the fastest remaining option"], None
+
+
+def _by_priority(prio: str, viable: dict[str, Candidate]) -> tuple[Candidate, list[str]]:
+    """objective.priority = memory, speed or cost: the viable candidate that needs the least of it."""
+    if prio == "memory":
+        c = min(viable.values(), key=lambda c: c.needed_bytes)
+        return c, [f"objective.priority = memory: {c.method} needs the least memory ({gib(c.needed_bytes)})"]
+    if prio == "speed":
+        c = min(viable.values(), key=lambda c: c.seconds)
+        return c, [f"objective.priority = speed: {c.method} is the fastest that fits (~{duration(c.seconds)})"]
+    c = min(viable.values(), key=lambda c: c.cost_usd if c.cost_usd is not None else c.seconds)
+    what = f"~${c.cost_usd:,.2f}" if c.cost_usd is not None else f"~{duration(c.seconds)}"
+    return c, [f"objective.priority = cost: {c.method} is the cheapest that fits ({what})"]
+
+
+def _plentiful(c: Candidate, roomy_full: Candidate | None, usable: int, reasons: list[str]) -> Candidate | None:
+    """Full fine-tuning only with plentiful memory (rules.FULL_FT_MIN_HEADROOM): its roomier geometry when the fastest
+    fills the device, else None (not plentiful)."""
+    spare = 1 - c.needed_bytes / usable
+    if spare >= rules.FULL_FT_MIN_HEADROOM:
+        return c
+    if roomy_full is not None:
+        reasons.append(f"full fine-tuning's fastest geometry leaves {spare:.0%} of the device free; a roomier "
+                       f"one leaves {1 - roomy_full.needed_bytes / usable:.0%} "
+                       f"({roomy_full.seconds / c.seconds:.2f}x its time)")
+        return roomy_full
+    reasons.append(f"full fine-tuning fits but leaves only {spare:.0%} of the device free "
+                   f"(wants ≥ {rules.FULL_FT_MIN_HEADROOM:.0%}): not plentiful")
+    return None
+
+
+def _worth_its_time(c: Candidate, viable: dict[str, Candidate], alt: Candidate | None, prio: str,
+                    reasons: list[str]) -> tuple[Candidate | None, str | None]:
+    """DoRA against LoRA on the same base (Method.plain): kept when within rules.dora_max_slowdown of its time, else
+    without dropout (`alt`) when that is, else None. Returns (the candidate, why its dropout was turned off)."""
+    plain = viable.get(METHODS[c.method].plain or "")
+    if plain is None or not _slower(c, plain, prio):
+        return c, None
+    p = c.setup.adapter.dropout
+    slow = (f"{c.method}{f' with dropout {p:g}' if p else ''} would take {c.seconds / plain.seconds:.1f}x "
+            f"{plain.method}'s time (limit {rules.dora_max_slowdown(prio):g}x)")
+    if alt is None or _slower(alt, plain, prio):
+        reasons.append((slow if alt is None or c is alt else
+                        f"{slow}, {alt.seconds / plain.seconds:.1f}x without dropout") + ": not worth it here")
+        return None, None
+    ratio = alt.seconds / plain.seconds
+    reasons.append(f"{slow}; {ratio:.1f}x without dropout: {c.method} kept, its dropout off")
+    return alt, (f"0: {slow}, because peft then runs each adapted module's base matmul twice; without dropout "
+                 f"{ratio:.1f}x. The held-out loss watches for overfitting instead")
 
 
 def _slower(c: Candidate, plain: Candidate, priority: str) -> bool:
@@ -605,7 +631,8 @@ def _batch_choice(planned: Choice, c: Candidate, spec: Spec) -> Choice:
     actual = c.effective_batch
     t = spec.training
     if t.micro_batch_size and t.gradient_accumulation_steps:
-        return Choice(actual, f"micro_batch_size × gradient_accumulation_steps × {c.devices} device(s), set in the spec",
+        return Choice(actual,
+                      f"micro_batch_size × gradient_accumulation_steps × {c.devices} device(s), set in the spec",
                       True)
     if actual == planned.value:
         return planned

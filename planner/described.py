@@ -67,7 +67,8 @@ def _build(d: dict) -> ModelShape:
         by_input.setdefault(lin.input, []).append(lin)
     inter = d.get("intermediate_size")
     if not inter:  # the widest output that is not the fused attention projection feeds the MLP's last linear
-        inter = max((lin.in_features for lin in linears if lin.out_features == h and lin.in_features != h), default=4 * h)
+        inter = max((lin.in_features for lin in linears if lin.out_features == h and lin.in_features != h),
+                    default=4 * h)
     inter = int(inter)
     gated = any(sum(1 for lin in group if lin.out_features == inter) >= 2 for group in by_input.values()) or any(
         lin.out_features == 2 * inter for lin in linears)
@@ -90,7 +91,8 @@ def _build(d: dict) -> ModelShape:
     else:
         extra_layer = sum(int(n["params"]) for n in other_norms)
     notes = [f"{d.get('class', d.get('model_type'))}: shapes read from the model built on the meta device "
-             f"(runtime.exact.describe); activations use the Llama-family formulas, not calibrated for this architecture"]
+             "(runtime.exact.describe); activations use the Llama-family formulas, not calibrated for this "
+             "architecture"]
     if norm_in_layer != len(hidden_norms) * per_norm * h:
         notes.append("the decoder layer's norms are not plain LayerNorm/RMSNorm weights: counted per described module")
     if layer_params and len(set(layer_params)) > 1:
@@ -123,5 +125,6 @@ def _build(d: dict) -> ModelShape:
     )
     rest = int(d["parameters"]) - shape.decoder_parameters
     if rest < 0:
-        notes.append(f"the described layers hold fewer parameters than layer 0's modules: total over-counted by {-rest:,}")
+        notes.append("the described layers hold fewer parameters than layer 0's modules: total over-counted by "
+                     f"{-rest:,}")
     return replace(shape, extra_frozen_params=max(rest, 0), notes=tuple(notes))
