@@ -7,10 +7,14 @@ there, keeping the largest:
 
 | parallelism      | weights   | trainable + grads          | optimizer state           | extra buffers |
 |------------------|-----------|----------------------------|---------------------------|---------------|
-| ddp              | W         | full; + gradient buckets    | full                      | DDP buckets = gradients (gradient_as_bucket_view off) |
-| fsdp (FSDP2)     | W/N       | /N                         | /N                        | at the loss: the lm_head unit; in backward: 2 layers (current + prefetched), + one layer's unsharded grads (full FT) |
-| deepspeed-zero2  | W         | weights full, grads /N     | fp32 master + states, /N  | reduce bucket (h² elements) |
-| deepspeed-zero3  | W/N       | /N                         | fp32 master + states, /N  | prefetch bucket (0.9·h²) + one layer gathered |
+| ddp              | W         | full; + gradient buckets   | full                      | (1)           |
+| fsdp (FSDP2)     | W/N       | /N                         | /N                        | (2)           |
+| deepspeed-zero2  | W         | weights full, grads /N     | fp32 master + states, /N  | (3)           |
+| deepspeed-zero3  | W/N       | /N                         | fp32 master + states, /N  | (4)           |
+
+(1) DDP buckets = gradients (gradient_as_bucket_view off). (2) At the loss: the lm_head unit; in backward: 2 layers
+(current + prefetched), + one layer's unsharded grads (full FT). (3) Reduce bucket (h² elements). (4) Prefetch
+bucket (0.9·h²) + one layer gathered.
 
 FSDP follows accelerate 1.15's fsdp2_prepare_model, measured on two CPU ranks
 (benchmarks/calibrate_parallel.py): one unit per decoder layer (resharded after forward); the input
@@ -205,23 +209,16 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int) -> M
     n, engine = devices, ENGINES[parallelism]
     upcast = fsdp_upcast(s, single.method, parallelism)
     param_state = A.OPTIMIZER_STATES[s.optimizer][0] == "param"
-    static = [_resharded(t, engine, n, upcast, param_state) for t in single.terms if t.component in STATIC]
+
+    def resharded(t: Term) -> Term:
+        return _resharded(t, engine, n, upcast, param_state)
+
+    static = [resharded(t) for t in single.terms if t.component in STATIC]
     if engine.fp32_master:
         params = single.trainable_parameters
         static.append(Term("optimizer", f"DeepSpeed fp32 master weights (sharded /{n})", 4 * params // n,
                            "4 × N_trainable / devices", {"N": params, "devices": n}))
-    buffers = _buffers(single, s, parallelism)
-    # an estimate built elsewhere (exact mode) may carry only its peak moment
-    phase_terms = single.phase_terms or {single.phase: tuple(t for t in single.terms
-                                                             if t.component not in STATIC + ("overhead",))}
-    moments: dict[str, list[Term]] = {}
-    for name, dyn in phase_terms.items():
-        terms = [_resharded(t, engine, n, upcast, param_state) if t.component == "gradients" else t for t in dyn]
-        if parallelism == "fsdp" and name == "optimizer":
-            moments[name] = terms  # the root is resharded after backward
-        else:
-            moments[name] = [*terms, *buffers.always,
-                             *(buffers.in_backward if name in BACKWARD_PHASES else buffers.at_loss)]
+    moments = _moments(single, parallelism, resharded, _buffers(single, s, parallelism))
     totals = {k: sum(int(t.bytes) for t in ts) for k, ts in moments.items()}
     phase = max(totals, key=lambda k: totals[k])
     out = static + moments[phase]
@@ -231,6 +228,22 @@ def shard(single: MemoryEstimate, s: Setup, parallelism: str, devices: int) -> M
     return MemoryEstimate(method=single.method, trainable_parameters=single.trainable_parameters,
                           phase=phase, terms=tuple(out), phases={k: v + static_bytes for k, v in totals.items()},
                           phase_terms=moments)
+
+
+def _moments(single: MemoryEstimate, parallelism: str, resharded, buffers: Buffers) -> dict[str, list[Term]]:
+    """Each moment of the step on one device: its gradients re-sharded, the engine's buffers at that moment."""
+    # an estimate built elsewhere (exact mode) may carry only its peak moment
+    phase_terms = single.phase_terms or {single.phase: tuple(t for t in single.terms
+                                                             if t.component not in STATIC + ("overhead",))}
+    moments: dict[str, list[Term]] = {}
+    for name, dyn in phase_terms.items():
+        terms = [resharded(t) if t.component == "gradients" else t for t in dyn]
+        if parallelism == "fsdp" and name == "optimizer":
+            moments[name] = terms  # the root is resharded after backward
+        else:
+            moments[name] = [*terms, *buffers.always,
+                             *(buffers.in_backward if name in BACKWARD_PHASES else buffers.at_loss)]
+    return moments
 
 
 def comm_seconds_per_step(single: MemoryEstimate, s: Setup, parallelism: str, topo: Topology) -> float:
