@@ -111,7 +111,7 @@ class Run:
                 f"{'-t' + '+'.join(self.targets) if self.targets else ''}")
 
 
-def run_of(row: dict, cls=None) -> "Run":
+def run_of(row: dict, cls=None) -> Run:
     """The Run a table row was measured with (its config column holds the whole model config)."""
     return (cls or Run)(row["family"], row["method"], batch=int(row["batch"]), seq=int(row["seq"]),
                         gc=row["gradient_checkpointing"] == "True", dropout=float(row["lora_dropout"]),
@@ -146,7 +146,8 @@ def repredict(path: Path, predict_row) -> str:
         row["error"] = (row["predicted_peak"] - int(row["measured_peak"])) / int(row["measured_peak"])
     write_rows(path, rows)
     errors = sorted(abs(r["error"]) for r in rows)
-    return f"{path}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, worst {errors[-1]:.2%}"
+    return (f"{path}: {len(rows)} rows re-predicted; median |error| {errors[len(errors) // 2]:.2%}, "
+            f"worst {errors[-1]:.2%}")
 
 
 def build_model_dir(cfg: dict, root: Path) -> Path:
@@ -195,8 +196,13 @@ def measure(run: Run, root: Path, steps: int = 3, target_modules: list[str] | No
     `target_modules`: the adapter's targets by name instead of all-linear (the MoE calibration's attention)."""
     import torch
 
-    from peftplan.runtime.memprobe import (LiveTensorBytes, model_tensors, rss_high_water_bytes,
-                                           rss_high_water_reset, rss_bytes)
+    from peftplan.runtime.memprobe import (
+        LiveTensorBytes,
+        model_tensors,
+        rss_bytes,
+        rss_high_water_bytes,
+        rss_high_water_reset,
+    )
     from peftplan.runtime.model import MethodSetup, load_model
     from peftplan.runtime.optim import build_optimizer
 
@@ -356,7 +362,8 @@ def matrix(name: str) -> list[Run]:
                  Run("llama", "lora", batch=2, seq=256, dropout=0.1, rank=16, scale=MEDIUM["llama"]),
                  Run("llama", "qlora", batch=2, seq=256, dropout=0.1, gc=True, rank=16, scale=MEDIUM["llama"]),
                  Run("qwen2", "lora", batch=2, seq=256, padded=True, rank=16, scale=MEDIUM["qwen2"]),
-                 Run("llama", "full", batch=2, seq=256, optimizer="adamw_8bit", gc=True, rank=16, scale=MEDIUM["llama"])]
+                 Run("llama", "full", batch=2, seq=256, optimizer="adamw_8bit", gc=True, rank=16,
+                     scale=MEDIUM["llama"])]
         return runs
     runs: list[Run] = []
     for fam in FAMILIES:
@@ -378,7 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--method", action="append", help="only these methods")
     ap.add_argument("--out", default="benchmarks/results/calibration.csv")
     ap.add_argument("--models", default=os.path.join(tempfile.gettempdir(), "peftplan-calibration-models"))
-    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing ones")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows already in --out and run only the missing ones")
     ap.add_argument("--repredict", action="store_true",
                     help="measure nothing: refresh the prediction columns of --out with the current estimator")
     args = ap.parse_args(argv)

@@ -115,7 +115,8 @@ def worker(run: Run, parallelism: str, model_dir: str, out: str, steps: int = 3)
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     if acc.is_main_process:
-        Path(out).write_text(json.dumps({"measured_peak": int(local.item()), "rank0_peak": int(peak), "rank0_static": int(baseline),
+        Path(out).write_text(json.dumps({"measured_peak": int(local.item()), "rank0_peak": int(peak),
+                                         "rank0_static": int(baseline),
                                          "distributed_type": str(acc.distributed_type),
                                          "parameters_held_locally": round(held / total, 4)}))
     acc.end_training()
@@ -136,7 +137,7 @@ def measure(run: Run, parallelism: str, root: Path) -> dict:
                                    "out": str(out)})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0 or not out.exists():
-        ranks = "\n".join(l for l in proc.stderr.splitlines() if l.startswith("[rank"))
+        ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))
         raise RuntimeError((ranks or proc.stderr)[-4000:])
     return json.loads(out.read_text())
 
@@ -173,8 +174,9 @@ def summary(rows: list[dict]) -> str:
               f"{sum(err(r) >= 0 for r in rows)} of {len(rows)} predictions at or above the measurement.", "",
               "| run (2 ranks) | measured MiB | predicted MiB | error | each rank held |", "|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| `{r['key']}` | {int(r['measured_peak']) / 2**20:.1f} | {int(r['predicted_peak']) / 2**20:.1f} | "
-                     f"{err(r):+.1%} | {float(r['parameters_held_locally']):.2f} |")
+        lines.append(f"| `{r['key']}` | {int(r['measured_peak']) / 2**20:.1f} | "
+                     f"{int(r['predicted_peak']) / 2**20:.1f} | {err(r):+.1%} | "
+                     f"{float(r['parameters_held_locally']):.2f} |")
     return "\n".join(lines)
 
 

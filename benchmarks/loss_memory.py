@@ -79,6 +79,7 @@ def timed(model, ids, precision: str) -> float:
 def measure(standard, chunked, batch: int, tokens: int, precision: str, args) -> dict:
     """One shape at one precision: both sides, or the chunked side alone when the standard one would not fit."""
     import torch
+
     from peftplan.runtime.loss import chunk_tokens
 
     p = 2 if precision == "bf16" else 4

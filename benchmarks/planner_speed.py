@@ -97,7 +97,7 @@ def child(mode: str) -> int:
         return path
 
     rows = []
-    for (path, line, func), (cc, nc, tt, ct, _callers) in stats.stats.items():
+    for (path, line, func), (_cc, nc, tt, ct, _callers) in stats.stats.items():
         if func in ("plan_all", "<module>") or path == "~" and "exec" in func or "cProfile" in path:
             continue
         rows.append({"function": f"{short(path)}:{line}({func})" if path != "~" else func,
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
                              "PYTHONPYCACHEPREFIX": cache}}
     cmds = {"baseline": baseline, "plan": plan_cmd}
     times: dict[str, dict[str, list[float]]] = {e: {c: [] for c in cmds} for e in settings}
-    for e, env in settings.items():  # warm the page cache (and fill the bytecode cache)
+    for _e, env in settings.items():  # warm the page cache (and fill the bytecode cache)
         for cmd in cmds.values():
             timed(cmd, env)
     for i in range(args.repeat):
@@ -177,7 +177,8 @@ def main(argv=None) -> int:
             "with_bytecode_cache": {
                 "plan_median_s": statistics.median(times["bytecode"]["plan"]),
                 "baseline_median_s": statistics.median(times["bytecode"]["baseline"]),
-                "ratio": statistics.median(times["bytecode"]["plan"]) / statistics.median(times["bytecode"]["baseline"]),
+                "ratio": (statistics.median(times["bytecode"]["plan"])
+                          / statistics.median(times["bytecode"]["baseline"])),
                 "plan_s": times["bytecode"]["plan"],
                 "baseline_s": times["bytecode"]["baseline"],
             },

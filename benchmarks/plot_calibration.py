@@ -2,8 +2,8 @@
 
     python benchmarks/plot_calibration.py
 
-Reads benchmarks/results/calibration-cpu{,-medium,-loss,-moe}.csv and writes docs/calibration.png (predicted versus measured
-peak, one point per run, colored by method, marker by family, y = x and a shaded ±10% band) and
+Reads benchmarks/results/calibration-cpu{,-medium,-loss,-moe}.csv and writes docs/calibration.png (predicted versus
+measured peak, one point per run, colored by method, marker by family, y = x and a shaded ±10% band) and
 docs/calibration-summary.md (median and worst |error| per method and per family, and the error
 distribution). With --update-doc the summary also replaces the text between the
 `<!-- calibration:begin -->` and `<!-- calibration:end -->` markers of docs/accuracy.md.
@@ -16,6 +16,7 @@ import csv
 import statistics
 import sys
 from pathlib import Path
+
 from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.fill_between(line, [v * 0.9 for v in line], [v * 1.1 for v in line], color="0.85", alpha=0.6,
                     label="±10%", zorder=0)
     ax.plot(line, line, color="0.3", lw=1.0, ls="--", zorder=1)
-    for r, x, y in zip(rows, xs, ys):
+    for r, x, y in zip(rows, xs, ys, strict=True):
         ax.scatter(x, y, s=34, marker=markers[r["family"]], color=colors[r["method"]], edgecolor="black",
                    linewidth=0.4, alpha=0.85, zorder=2)
     if log:

@@ -25,13 +25,24 @@ import sys
 import tomllib
 from pathlib import Path
 
-from peftplan.planner.parallel import per_device
+from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
+from published_stacks import (
+    ASSUMED,
+    attention_of,
+    differences,
+    dropout_of,
+    known_mismatch,
+    loss_of,
+    offload_of,
+    padded_of,
+    resolve_model,
+    stack_of,
+)
+
 from peftplan.planner import AdapterSettings, Geometry, Setup, shape_from_config
 from peftplan.planner import assumptions as A
+from peftplan.planner.parallel import per_device
 from peftplan.planner.shapes import UnsupportedArchitecture
-from docsection import replace_section  # benchmarks/ is on sys.path when a script runs
-from published_stacks import (ASSUMED, attention_of, differences, dropout_of, known_mismatch, loss_of, offload_of,
-                              padded_of, resolve_model, stack_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "published_measurements.toml"
@@ -46,73 +57,57 @@ OPTIMIZERS = {"adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bi
 UNITS = {"GB": 1e9, "GiB": 2**30}
 
 
-def build(row: dict):
-    """(status, reason, setup fields, assumptions, estimate) for one row."""
-    assumed = ASSUMED.get(row["id"], {})
-    notes: list[str] = []
-    if row["method"] not in METHODS:
-        return "not compared", f"method {row['method']!r} not estimated", None, notes
-    parallelism = row.get("parallelism", "single")
-    devices = int(row.get("num_gpus", 1))
-    if parallelism not in ("single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
-        return "not compared", f"parallelism {parallelism!r} not modelled", None, notes
-    if devices > 1:
-        notes.append(f"per device under {parallelism} over {devices} GPUs (planner.parallel.shard)")
-    offload = offload_of(row)
-    if offload == "parameters":
-        return "not compared", "FSDP CPU offload (parameters and optimizer state live in host memory)", None, notes
+class _NotCompared(Exception):
+    """A row the estimate is not compared with; the message says why."""
+
+
+def _stated(row: dict, assumed: dict, notes: list[str], key: str):
+    """The row's value for `key`, else the assumed one (noted with why), else None."""
+    if key in row:
+        return row[key]
+    if key in assumed:
+        v, why = assumed[key]
+        notes.append(f"{key} {v} ({why})")
+        return v
+    return None
+
+
+def _catalog_shape(row: dict, notes: list[str]):
+    """(catalog entry, ModelShape) of the row's model."""
     cat, how = resolve_model(row["model"])
     if how:
         notes.append(how)
     if cat is None:
-        return "not compared", f"model {row['model']} not in the catalog", None, notes
+        raise _NotCompared(f"model {row['model']} not in the catalog")
     try:
         shape = shape_from_config(cat.config)
     except UnsupportedArchitecture as exc:
-        return "not compared", f"architecture not supported: {exc}", None, notes
+        raise _NotCompared(f"architecture not supported: {exc}") from None
+    return cat, shape
 
-    def pick(key):
-        if key in row:
-            return row[key]
-        if key in assumed:
-            v, why = assumed[key]
-            notes.append(f"{key} {v} ({why})")
-            return v
-        return None
 
-    seq = pick("seq_len")
-    if seq is None:
-        return "not compared", "sequence length not stated (data-dependent)", None, notes
-    gc = pick("gradient_checkpointing")
-    if gc is None:
-        return "not compared", "activation checkpointing not stated", None, notes
+def _optimizer(row: dict, assumed: dict, notes: list[str]) -> str:
     optimizer = row.get("optimizer")
     if optimizer not in OPTIMIZERS:
         optimizer = assumed["optimizer"][0] if "optimizer" in assumed else None
         if optimizer is None:
-            return "not compared", f"optimizer {row.get('optimizer', 'not stated')!r} unknown", None, notes
+            raise _NotCompared(f"optimizer {row.get('optimizer', 'not stated')!r} unknown")
         notes.append(f"optimizer {optimizer} ({assumed['optimizer'][1]})")
+    return optimizer
+
+
+def _unit(row: dict, assumed: dict, notes: list[str]) -> str:
     unit = row["unit"]
     if unit not in UNITS:
         if "unit" not in assumed:
-            return "not compared", "unit unknown (GB vs GiB)", None, notes
+            raise _NotCompared("unit unknown (GB vs GiB)")
         unit, why = assumed["unit"]
         notes.append(f"unit {unit} ({why})")
-    dtype = DTYPES[row["precision"]]
-    attention, why = attention_of(row)
-    if why:
-        notes.append(why)
-    padded, why = padded_of(row)
-    if why:
-        notes.append(why)
-    loss, why = loss_of(row, assumed)
-    notes.append(why)
-    if offload and not gc:
-        return "not compared", "activation offloading without checkpointing (peftplan offloads checkpointed inputs)", \
-            None, notes
-    if offload:
-        notes.append("activation offloading (note: enable_activation_offloading=True)")
+    return unit
 
+
+def _adapter(row: dict, assumed: dict, shape, notes: list[str]):
+    """(rank, alpha, dropout, target modules: "all-linear" or a tuple of the shape's module names)."""
     rank = int(row.get("rank", 16))
     alpha = float(row.get("alpha", 2 * rank))
     dropout, why = dropout_of(row, assumed)
@@ -129,7 +124,57 @@ def build(row: dict):
         if dropped:
             notes.append(f"{', '.join(dropped)} not a decoder linear: adapter on it not counted")
         target_arg = tuple(known)
+    return rank, alpha, dropout, target_arg
 
+
+def build(row: dict):
+    """(status, reason, setup fields, assumptions, estimate) for one row."""
+    notes: list[str] = []
+    try:
+        built = _build(row, notes)
+    except _NotCompared as exc:
+        return "not compared", str(exc), None, notes
+    return "compared", "", built, notes
+
+
+def _build(row: dict, notes: list[str]):
+    """(setup fields, estimate) for one row; _NotCompared says why not."""
+    assumed = ASSUMED.get(row["id"], {})
+    if row["method"] not in METHODS:
+        raise _NotCompared(f"method {row['method']!r} not estimated")
+    parallelism = row.get("parallelism", "single")
+    devices = int(row.get("num_gpus", 1))
+    if parallelism not in ("single", "ddp", "fsdp", "deepspeed-zero2", "deepspeed-zero3"):
+        raise _NotCompared(f"parallelism {parallelism!r} not modelled")
+    if devices > 1:
+        notes.append(f"per device under {parallelism} over {devices} GPUs (planner.parallel.shard)")
+    offload = offload_of(row)
+    if offload == "parameters":
+        raise _NotCompared("FSDP CPU offload (parameters and optimizer state live in host memory)")
+    cat, shape = _catalog_shape(row, notes)
+    seq = _stated(row, assumed, notes, "seq_len")
+    if seq is None:
+        raise _NotCompared("sequence length not stated (data-dependent)")
+    gc = _stated(row, assumed, notes, "gradient_checkpointing")
+    if gc is None:
+        raise _NotCompared("activation checkpointing not stated")
+    optimizer = _optimizer(row, assumed, notes)
+    unit = _unit(row, assumed, notes)
+    dtype = DTYPES[row["precision"]]
+    attention, why = attention_of(row)
+    if why:
+        notes.append(why)
+    padded, why = padded_of(row)
+    if why:
+        notes.append(why)
+    loss, why = loss_of(row, assumed)
+    notes.append(why)
+    if offload and not gc:
+        raise _NotCompared("activation offloading without checkpointing (peftplan offloads checkpointed inputs)")
+    if offload:
+        notes.append("activation offloading (note: enable_activation_offloading=True)")
+
+    rank, alpha, dropout, target_arg = _adapter(row, assumed, shape, notes)
     setup = Setup(shape, Geometry(int(row["micro_batch_size"]), int(seq), bool(gc), 1, attention, padded),
                   AdapterSettings(rank, alpha, dropout, target_arg), optimizer=optimizer, dtype=dtype,
                   device_kind="cuda", loss=loss, offload=bool(offload))
@@ -140,7 +185,7 @@ def build(row: dict):
                   rank=rank if adapter else "", alpha=alpha if adapter else "", dropout=dropout if adapter else "",
                   target_modules=" ".join(target_arg) if isinstance(target_arg, tuple) else target_arg,
                   unit_used=unit, tokens=setup.geometry.tokens, vocab=shape.vocab_size)
-    return "compared", "", (fields, est), notes
+    return fields, est
 
 
 def compare(rows: list[dict]) -> list[dict]:

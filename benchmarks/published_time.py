@@ -27,8 +27,8 @@ from dataclasses import replace
 from datetime import date
 
 import numpy as np
-
 from published_time_cases import ROOT, Case, build_cases, load_rows, quantile  # benchmarks/ is on sys.path
+
 from peftplan.planner.throughput import FIT_FILE, Coefficients, Generation, coefficients
 
 OUT_CSV = ROOT / "benchmarks" / "results" / "published_time.csv"
@@ -75,7 +75,7 @@ UNMEASURED_WIDENING = 2.0
 
 # --- fit -----------------------------------------------------------------------------------------------------------
 def _with(c: Coefficients, x: np.ndarray) -> Coefficients:
-    for (name, (_, write, lo, hi)), v in zip(FITTED.items(), x):
+    for (_name, (_, write, lo, hi)), v in zip(FITTED.items(), x, strict=True):
         c = write(c, float(min(max(math.exp(v), lo), hi)))
     return c
 
@@ -111,8 +111,10 @@ def fit(cases: list[Case], start: Coefficients, iterations: int = 100) -> tuple[
 
 def hopper_pairs(rows: list[dict]) -> list[tuple[str, str, float]]:
     """(H100 row, A100 row, H100 ÷ A100 per-device throughput ÷ peak ratio) for rows of one stack and settings."""
-    key = lambda r: (r["stack"], r["model"], r["method"], r.get("seq_len"), r.get("micro_batch_size"),
-                     r.get("gradient_checkpointing"), r.get("num_gpus"))
+    def key(r):
+        return (r["stack"], r["model"], r["method"], r.get("seq_len"), r.get("micro_batch_size"),
+                r.get("gradient_checkpointing"), r.get("num_gpus"))
+
     a100 = {key(r): r for r in rows if r.get("gpu") == "A100-80GB"}
     out = []
     for r in rows:

@@ -74,8 +74,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
-                              Trainer, TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     from peftplan.runtime.data import prepare_data  # identical token ids and labels; see the module docstring
 
@@ -172,7 +180,7 @@ def main(argv=None) -> int:
         "trained_tokens_per_second": counts["trained_tokens"] / runtime,
         "padded_tokens_per_second": counts["padded_tokens"] / runtime,
         "losses": losses,
-        "step_seconds": [round(b - a, 4) for a, b in zip(step_ends, step_ends[1:])],
+        "step_seconds": [round(b - a, 4) for a, b in zip(step_ends, step_ends[1:], strict=False)],
         "torch_threads": torch.get_num_threads(),
     }
     text = json.dumps(result, indent=2)

@@ -233,7 +233,7 @@ def run_peftplan(project: Path, steps: int, args) -> dict:
             "losses": {r["step"]: r["loss"] for r in logged},
             "reported_tokens_per_second": final.get("tokens_per_second"),
             # wall time between consecutive logged steps (logging_steps = 1): per-step times from step 2 on
-            "step_seconds": [round(b - a, 4) for a, b in zip(times, times[1:])],
+            "step_seconds": [round(b - a, 4) for a, b in zip(times, times[1:], strict=False)],
             "peak_memory_step": peak["step"] if peak else None}
 
 
@@ -337,10 +337,11 @@ def main(argv=None) -> int:
                         for s in set(x["losses"]) & set(y["losses"]))
         pp_tps = [padded["tokens"] / x["train_runtime_s"] for x in pp]
         ref_tps = [x["tokens_per_second"] for x in ref]
-        paired = [a / b for a, b in zip(pp_tps, ref_tps)]
+        paired = [a / b for a, b in zip(pp_tps, ref_tps, strict=True)]
         pp_cpu = [padded["tokens"] / x["train_call_cpu_s"] for x in pp]
         ref_cpu = [padded["tokens"] / x["train_call_cpu_s"] for x in ref]
-        pp_step, ref_step = med([med(x["step_seconds"][2:]) for x in pp]), med([med(x["step_seconds"][3:]) for x in ref])
+        pp_step = med([med(x["step_seconds"][2:]) for x in pp])
+        ref_step = med([med(x["step_seconds"][3:]) for x in ref])
         result["methods"][m] = {
             "peftplan_tokens_per_second": med(pp_tps),
             "reference_tokens_per_second": med(ref_tps),
@@ -358,7 +359,7 @@ def main(argv=None) -> int:
             "peftplan_tokens_per_cpu_second": med(pp_cpu),
             "reference_tokens_per_cpu_second": med(ref_cpu),
             "cpu_ratio": med(pp_cpu) / med(ref_cpu),
-            "cpu_paired_ratio_median": med([a / b for a, b in zip(pp_cpu, ref_cpu)]),
+            "cpu_paired_ratio_median": med([a / b for a, b in zip(pp_cpu, ref_cpu, strict=True)]),
             "steady_step_ratio": ref_step / pp_step,
             "peftplan_train_runtime_s": [x["train_runtime_s"] for x in pp],
             "reference_train_runtime_s": [x["train_runtime_s"] for x in ref],
@@ -377,7 +378,7 @@ def main(argv=None) -> int:
         ref = runs["lora"]["reference"]
         pk_tps = [packed["tokens"] / x["train_runtime_s"] for x in packed_runs]
         ref_tps = [x["tokens_per_second"] for x in ref]
-        paired = [a / b for a, b in zip(pk_tps, ref_tps)]
+        paired = [a / b for a, b in zip(pk_tps, ref_tps, strict=True)]
         pk_cpu = [packed["tokens"] / x["train_call_cpu_s"] for x in packed_runs]
         ref_cpu = [padded["tokens"] / x["train_call_cpu_s"] for x in ref]
         result["packing"] = {
@@ -397,7 +398,7 @@ def main(argv=None) -> int:
             "peftplan_packed_tokens_per_cpu_second": med(pk_cpu),
             "reference_padded_tokens_per_cpu_second": med(ref_cpu),
             "cpu_ratio": med(pk_cpu) / med(ref_cpu),
-            "cpu_paired_ratio_median": med([a / b for a, b in zip(pk_cpu, ref_cpu)]),
+            "cpu_paired_ratio_median": med([a / b for a, b in zip(pk_cpu, ref_cpu, strict=True)]),
             "peftplan_packed_train_call_cpu_s": [x["train_call_cpu_s"] for x in packed_runs],
             "target": ">= 1.5",
         }

@@ -481,10 +481,9 @@ COMMANDS["import"] = cmd_import
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .schemas import SpecError
-
     from .parser import build_parser
     from .planner.resolve import set_describer
+    from .schemas import SpecError
 
     args = build_parser().parse_args(argv)
     set_describer(_describer)  # an architecture the closed form lacks is described from transformers, lazily

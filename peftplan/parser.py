@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="write the card and list the files; upload nothing")
 
     s = _command(sub, "calibrate", "fit a local correction (device model × method) from your runs' measurements",
-                 "Read the measured-vs-predicted records of runs (outputs/metrics.jsonl: probes, each run's peak memory "
-                 "and tokens/s) and keep, per device model × method, the median ratio as a correction that "
+                 "Read the measured-vs-predicted records of runs (outputs/metrics.jsonl: probes, each run's peak "
+                 "memory and tokens/s) and keep, per device model × method, the median ratio as a correction that "
                  "`estimate` and `plan` apply and name. Stored with the runs it came from in "
                  "$PEFTPLAN_CONFIG_DIR, else $XDG_CONFIG_HOME/peftplan or ~/.config/peftplan (calibration.json). "
                  "A record that ran on another device than its plan's, or whose ratio is outside the sane band "

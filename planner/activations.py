@@ -97,7 +97,8 @@ def mlp_saved_bytes(s: Setup, tokens: int) -> tuple[int, str]:
         saved = 3 * e * routed * i
         formula = "3·e·T·i" + (" (×top_k routed)" if sh.num_experts else "")
         if sh.num_experts:
-            saved += e * routed * sh.hidden_size + 12 * tokens * sh.num_experts  # expert outputs × routing weights; router
+            # expert outputs × routing weights; router
+            saved += e * routed * sh.hidden_size + 12 * tokens * sh.num_experts
             formula += " + e·T·k·h + 12·T·E"
         return saved, formula
     if sh.activation == "gelu_new":
@@ -193,7 +194,7 @@ def working_extra(sh) -> int:
 def backward_working_term(s: Setup, method: Method) -> Term:
     sh, T = s.shape, s.geometry.tokens
     # the widest gradient inside the MLP: i, or 2i where gate and up are one fused projection (Phi-3)
-    fused = max((l.out_features for l in sh.linears if l.input == "mlp_in" and l.is_linear), default=0)
+    fused = max((lin.out_features for lin in sh.linears if lin.input == "mlp_in" and lin.is_linear), default=0)
     width = max(sh.hidden_size, sh.intermediate_size * (sh.experts_per_token or 1), fused)
     narrower = method.backward_working_width(s)  # NF4 experts run one at a time
     if narrower is not None:

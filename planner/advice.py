@@ -25,7 +25,7 @@ SEQ_FLOOR = 128
 DEVICE_COUNTS = (2, 4, 8, 16, 32, 64)
 
 
-def nothing_fits_headline(report: EstimateReport, best: dict[str, "Candidate"], forced: str) -> str:
+def nothing_fits_headline(report: EstimateReport, best: dict[str, Candidate], forced: str) -> str:
     c = min(best.values(), key=lambda c: c.needed_bytes)
     short = c.needed_bytes - report.usable_bytes
     who = f"method.name = {forced!r} does not fit" if forced != "auto" else "nothing fits"
@@ -33,7 +33,7 @@ def nothing_fits_headline(report: EstimateReport, best: dict[str, "Candidate"], 
             f"the smallest plan, {c.describe()}, needs {gib(c.needed_bytes)} — {gib(short)} short")
 
 
-def what_would_fit(spec: Spec, report: EstimateReport, best: dict[str, "Candidate"]) -> list[str]:
+def what_would_fit(spec: Spec, report: EstimateReport, best: dict[str, Candidate]) -> list[str]:
     smallest = min(best.values(), key=lambda c: c.needed_bytes)
     out = [s for s in (_shorter_sequence(report, smallest), _four_bit_base(spec, report, smallest),
                        _more_devices(report, smallest)) if s]
@@ -46,7 +46,7 @@ def _fits(report: EstimateReport, est) -> tuple[bool, int]:
     return need <= report.usable_bytes, need
 
 
-def _shorter_sequence(report: EstimateReport, smallest: "Candidate") -> str | None:
+def _shorter_sequence(report: EstimateReport, smallest: Candidate) -> str | None:
     seq = smallest.setup.geometry.seq_len
     while seq > SEQ_FLOOR:
         seq //= 2
@@ -59,7 +59,7 @@ def _shorter_sequence(report: EstimateReport, smallest: "Candidate") -> str | No
     return None
 
 
-def _four_bit_base(spec: Spec, report: EstimateReport, smallest: "Candidate") -> str | None:
+def _four_bit_base(spec: Spec, report: EstimateReport, smallest: Candidate) -> str | None:
     if spec.method.name == "auto" or METHODS[spec.method.name].quantized:
         return None
     q = replace(smallest.setup, geometry=replace(smallest.setup.geometry, micro_batch_size=1,
@@ -68,7 +68,7 @@ def _four_bit_base(spec: Spec, report: EstimateReport, smallest: "Candidate") ->
     return f"method.name = \"qlora\" (4-bit base) needs {gib(need)}: {'fits' if ok else 'would not fit either'}"
 
 
-def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
+def _more_devices(report: EstimateReport, smallest: Candidate) -> str | None:
     have = report.devices
     for n in DEVICE_COUNTS:
         if n <= have:
@@ -80,7 +80,7 @@ def _more_devices(report: EstimateReport, smallest: "Candidate") -> str | None:
     return None
 
 
-def _larger_device(smallest: "Candidate") -> str:
+def _larger_device(smallest: Candidate) -> str:
     need = smallest.estimate.device_total_bytes  # on another device: everything resident, nothing paged
     devices = [d for d in catalog.devices() if rules.advisable(d.vendor)]
     for dev in sorted(devices, key=lambda d: d.memory_bytes):

@@ -121,7 +121,8 @@ def llama_like(cfg: dict, model_type: str) -> ModelShape:
     if logits_scaling is not None:
         notes.append(f"logits are divided by logits_scaling = {logits_scaling:g}: one more T×V tensor at the loss")
     if model_type == "olmo2":
-        notes.append("OLMo 2 normalizes after attention and MLP (no input norm): q/k/v and the MLP read the residual stream")
+        notes.append("OLMo 2 normalizes after attention and MLP (no input norm): q/k/v and the MLP read the residual "
+                     "stream")
     return ModelShape(
         model_type=model_type,
         hidden_size=h,

@@ -3,9 +3,9 @@ method and the numbers, so it disappears by itself when what it warns about is f
 
 - Mixture-of-experts bases (`moe`): transformers 5 stores each layer's experts as fused 3D parameters,
   not nn.Linear modules, so bitsandbytes' 4-bit loading leaves them in 16-bit and peft's all-linear
-  adapters skip them (planner/assumptions.py: only the decoder's nn.Linear modules are quantized). The caveat is computed from
-  the 4-bit estimate's own count of quantized weights (its `P_q` input) and from the modules the adapter
-  targets: once the runtime quantizes or adapts the experts, the estimate counts them and the caveat goes.
+  adapters skip them (planner/assumptions.py: only the decoder's nn.Linear modules are quantized). The caveat is
+  computed from the 4-bit estimate's own count of quantized weights (its `P_q` input) and from the modules the
+  adapter targets: once the runtime quantizes or adapts the experts, the estimate counts them and the caveat goes.
 - Pure-bf16 full fine-tuning (`bf16_rounding`): the runtime keeps full fine-tuning's weights in bf16
   (assumptions.py). bf16 keeps 8 significant bits, so a weight moves only if the update is at least half a
   unit in the last place, 2^-9 of its magnitude; AdamW's per-step change is about the learning rate, so at
@@ -87,7 +87,7 @@ def bf16_rounding(method: str, precision: str, learning_rate: float, weights_dty
         return None
     threshold = learning_rate / BF16_HALF_ULP
     lost = math.erfc(threshold / (INIT_STD * math.sqrt(2)))  # P(|w| > threshold), w ~ N(0, 0.02²)
-    return (f"full fine-tuning keeps bf16 weights: an AdamW step (≈ learning rate {learning_rate:g}) is rounded away for "
-            f"every weight with |w| > {threshold:.3g} (half a bf16 unit, 2^-9 of |w|) — about {lost:.0%} of weights "
-            "initialized with std 0.02 (Zamirai et al. 2020). Consider LoRA, or model.dtype = \"float32\" (fp32 "
-            "weights: 16 bytes per parameter with AdamW)")
+    return (f"full fine-tuning keeps bf16 weights: an AdamW step (≈ learning rate {learning_rate:g}) is rounded away "
+            f"for every weight with |w| > {threshold:.3g} (half a bf16 unit, 2^-9 of |w|) — about {lost:.0%} of "
+            "weights initialized with std 0.02 (Zamirai et al. 2020). Consider LoRA, or model.dtype = \"float32\" "
+            "(fp32 weights: 16 bytes per parameter with AdamW)")

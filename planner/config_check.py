@@ -56,5 +56,6 @@ def config_problems(cfg: dict, prefix: str = "") -> list[str]:
 
 
 def _short(value) -> str:
-    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(abs(value)))}-digit number"
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else \
+        f"a {len(str(abs(value)))}-digit number"
     return text if len(text) <= 60 else text[:50] + "…"

@@ -37,7 +37,8 @@ def exact_estimate(method: str, setup: Setup, traced: dict) -> MemoryEstimate:
         terms.append(Term("weights", "frozen weights and buffers (traced)" if m.adapter else "buffers (traced)",
                           frozen, "sum of traced tensors", {}))
     if not m.adapter:
-        terms.append(Term("weights", "trainable weights (traced)", train_bytes, "sum of traced tensors", {"N": n_train}))
+        terms.append(Term("weights", "trainable weights (traced)", train_bytes, "sum of traced tensors",
+                          {"N": n_train}))
     else:
         terms.append(Term("adapter", "adapter weights (traced)", train_bytes, "sum of traced tensors", {"N": n_train}))
     opt, formula = optimizer_state_bytes(tensors, setup.optimizer)
@@ -90,7 +91,8 @@ def trace_estimates(report, trace, *, progress=None, automatic: bool = False):
         closed = estimate(method, s).peak_allocated_bytes
         kind = "described closed form (not calibrated)" if automatic else "closed form"
         notes.append(f"exact {method}: traced in {traced['seconds']:.1f} s; {kind} {closed / 2**30:.2f} GiB vs traced "
-                     f"{est.peak_allocated_bytes / 2**30:.2f} GiB ({(closed - est.peak_allocated_bytes) / est.peak_allocated_bytes:+.1%})")
+                     f"{est.peak_allocated_bytes / 2**30:.2f} GiB "
+                     f"({(closed - est.peak_allocated_bytes) / est.peak_allocated_bytes:+.1%})")
     seconds = time.perf_counter() - t0
     head = []
     if automatic:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 NOMINAL_EXAMPLES = 1000  # data.num_examples unknown: geometries are still ranked by time for this many
 
 
-def parallel_reason(chosen: "Candidate", all_cands: dict[str, list["Candidate"]]) -> str:
+def parallel_reason(chosen: Candidate, all_cands: dict[str, list[Candidate]]) -> str:
     text = (f"{chosen.method} with {chosen.parallelism} over {chosen.devices} devices fits at "
             f"{gib(chosen.needed_bytes)} per device")
     one = [c for cs in all_cands.values() for c in cs if c.fits and c.devices == 1]
@@ -30,16 +30,17 @@ def parallel_reason(chosen: "Candidate", all_cands: dict[str, list["Candidate"]]
     return text
 
 
-def paging_reason(c: "Candidate", report: EstimateReport) -> str:
+def paging_reason(c: Candidate, report: EstimateReport) -> str:
     p = c.paging
     total = f", ~{duration(p.total(c.time.tokens / (c.setup.geometry.seq_len * c.effective_batch))[1])} over the run" \
         if c.time else ""
     return (f"fits only by paging: {gib(c.estimate.device_total_bytes)} per device in all, {gib(p.bytes)} of the "
             f"{c.setup.optimizer} state over the {gib(report.usable_bytes)} usable lives in host memory and crosses "
-            f"{p.link} twice every optimizer step (~{p.seconds_per_step[1]:.1f} s per step{total}, included in the time)")
+            f"{p.link} twice every optimizer step (~{p.seconds_per_step[1]:.1f} s per step{total}, included in the "
+            "time)")
 
 
-def why_not(c: "Candidate", chosen: "Candidate", spec: Spec) -> str:
+def why_not(c: Candidate, chosen: Candidate, spec: Spec) -> str:
     parts = [f"fits at {gib(c.needed_bytes)}"]
     if c.seconds != float("inf") and chosen.seconds != float("inf"):
         ratio = c.seconds / chosen.seconds
@@ -61,7 +62,7 @@ def _spec_key(hyperparameter: str) -> str:
     return "data.eval_fraction" if hyperparameter == "eval_fraction" else f"training.{hyperparameter}"
 
 
-def warnings_for(spec: Spec, report: EstimateReport, c: "Candidate", hyper: dict[str, Choice]) -> list[str]:
+def warnings_for(spec: Spec, report: EstimateReport, c: Candidate, hyper: dict[str, Choice]) -> list[str]:
     out = [f"{_spec_key(k)}: {v.warning}" for k, v in hyper.items() if v.warning]
     if not spec.data.num_examples:
         out.append("data.num_examples not set: no time, cost or steps per epoch. Geometries are still ranked by "

@@ -78,7 +78,8 @@ BATCH_UNKNOWN_DATA = 16  # the QLoRA recipe's batch, when data.num_examples is n
 # than 30 examples (judgement: below 300 examples every one is needed for training, and a loss over a
 # handful of examples is too noisy to compare checkpoints by; set data.eval_fraction to hold out anyway).
 EVAL_SHARE, EVAL_MAX, EVAL_MIN = 0.10, 1000, 30
-EVAL_UNKNOWN_DATA = 0.05  # when data.num_examples is not given (axolotl examples/llama-3/lora-8b.yml: val_set_size 0.05)
+# when data.num_examples is not given (axolotl examples/llama-3/lora-8b.yml: val_set_size 0.05)
+EVAL_UNKNOWN_DATA = 0.05
 
 
 def billions(parameters: int) -> float:
@@ -101,9 +102,9 @@ def effective_batch(num_examples: int | None, devices: int) -> Choice:
         b = BATCH_MIN
         while b * 2 <= BATCH_MAX and num_examples / (b * 2) >= BATCH_STEPS_PER_EPOCH:
             b *= 2
-        why = (f"{b}: the largest power of two from {BATCH_MIN} to {BATCH_MAX} giving ≥ {BATCH_STEPS_PER_EPOCH} optimizer "
-               f"steps per epoch ({num_examples:,} / {b} = {ceil(num_examples / b):,}); recipes: 16 at 9.8k examples "
-               "(QLoRA), 64 at 27.5k (Llama 2 SFT), 128 at 52k (Alpaca)")
+        why = (f"{b}: the largest power of two from {BATCH_MIN} to {BATCH_MAX} giving ≥ {BATCH_STEPS_PER_EPOCH} "
+               f"optimizer steps per epoch ({num_examples:,} / {b} = {ceil(num_examples / b):,}); recipes: 16 at 9.8k "
+               "examples (QLoRA), 64 at 27.5k (Llama 2 SFT), 128 at 52k (Alpaca)")
     if devices > 1:
         rounded = ceil(max(b, devices) / devices) * devices
         if rounded != b:
@@ -173,8 +174,8 @@ def step_warning(recipe: Recipe, recipe_lr: float, ratio: float, lr: float) -> s
     if 0.5 < factor < 2:
         return None
     return (f"α/r = {ratio:g} at learning rate {lr:g} makes the adapter's step {factor:.3g}× the recipe's "
-            f"(α/r = {recipe.ratio:g} at {recipe_lr:g}); training.learning_rate = {recipe_lr * recipe.ratio / ratio:.2g} "
-            "keeps the recipe's step")
+            f"(α/r = {recipe.ratio:g} at {recipe_lr:g}); "
+            f"training.learning_rate = {recipe_lr * recipe.ratio / ratio:.2g} keeps the recipe's step")
 
 
 def choose_hyperparameters(method: str, parameters: int, num_examples: int | None, spec_method, spec_training,

@@ -5,8 +5,8 @@ Every run logs its measured peak memory next to the prediction (`outputs/metrics
 predicted one (the logged training steps). `peftplan calibrate RUN_DIR ...` reads those records and keeps, in the
 user's config folder, the ratios and the runs they came from; the correction for a device model × method is the
 median ratio (robust to one odd run). `estimate` and `plan` multiply the closed form's memory by it and the time
-model's tokens/s by its own, and say so (planner/local_correction.py). The file is this module's own (written atomically, read defensively): a
-file that is not one it wrote is ignored with a warning, never a traceback.
+model's tokens/s by its own, and say so (planner/local_correction.py). The file is this module's own (written
+atomically, read defensively): a file that is not one it wrote is ignored with a warning, never a traceback.
 
 A record counts only when it ran on the device model its plan was made for (a time measured on an L4 says
 nothing about an A100 plan's time) and when its ratio lies in a sane band (MEMORY_BAND, TIME_BAND below); a
@@ -138,9 +138,84 @@ def _plan(run: Path) -> tuple[str | None, str | None, dict[str, float]]:
     method = raw.get("method", {}).get("name") if isinstance(raw.get("method"), dict) else None
     prediction = raw.get("prediction") if isinstance(raw.get("prediction"), dict) else {}
     device = prediction.get("device")
-    applied = {q: f for q, key in (("memory", "memory_correction"), ("tokens_per_second", "tokens_per_second_correction"))
+    applied = {q: f for q, key in (("memory", "memory_correction"),
+                                   ("tokens_per_second", "tokens_per_second_correction"))
                if (f := _number(prediction.get(key))) is not None}
     return (method if isinstance(method, str) else None), (device if isinstance(device, str) else None), applied
+
+
+@dataclass
+class _RunRecords:
+    """One project's metrics.jsonl as it is read, record by record, into `reading`: a training run's tokens/s is
+    its last logged step's, added when the run's segment ends (the next start record, or the end of the file)."""
+    run: Path
+    path: Path
+    reading: Reading
+    plan_method: str | None
+    plan_device: str | None
+    applied: dict[str, float]  # the local correction the plan applied per quantity
+    segment: dict = field(default_factory=dict)  # the current training run's start record
+    last_speed: tuple[int, dict] | None = None
+
+    def add(self, n: int, rec: dict, source: str, quantity: str, measured, predicted, device, method,
+            planned) -> None:
+        m, p = _number(measured), _number(predicted)
+        if p is not None:
+            p /= self.applied.get(quantity, 1.0)  # the uncorrected prediction
+        where = f"{self.path}, line {n}"
+        if m is None or p is None:
+            self.reading.skipped.append(f"{where}: a {source} record without positive measured and predicted numbers")
+            return
+        if not isinstance(device, str) or not isinstance(method, str):
+            self.reading.skipped.append(f"{where}: a {source} record that does not say which device or method it "
+                                        "measured (a run from before peftplan recorded them)")
+            return
+        key = device_key(device)
+        if isinstance(planned, str) and device_key(planned) != key:
+            self.reading.refused.append(f"{where}: {source} ran on {device}, but its plan was made for {planned}: it "
+                                        "says nothing about either; left out")
+            return
+        sample = Sample(str(self.run), n, source, quantity, key, device, method, m, p)
+        low, high = BANDS[quantity]
+        if not low <= sample.ratio <= high:
+            self.reading.refused.append(f"{where}: {source} {quantity.replace('_', ' ')} measured {m:,.6g} vs "
+                                        f"predicted {p:,.6g} (×{sample.ratio:.3g}), outside the sane band "
+                                        f"[{low:.3g}, {high:.3g}]: {_band_reason(quantity)}; left out")
+            return
+        self.reading.samples.append(sample)
+
+    def close_segment(self) -> None:
+        if self.last_speed is not None:
+            n, rec = self.last_speed
+            segment = self.segment
+            self.add(n, rec, "training steps", "tokens_per_second", rec.get("tokens_per_second"),
+                     rec.get("predicted_tokens_per_second"), segment.get("device"),
+                     segment.get("method", self.plan_method), segment.get("planned_device", self.plan_device))
+        self.last_speed = None
+
+    def record(self, n: int, rec: dict) -> None:
+        """One JSON object of the file, line `n`."""
+        event = rec.get("event")
+        if event == "start":
+            self.close_segment()
+            self.segment = rec
+        elif rec.get("kind") == "probe" or event == "probe":
+            if rec.get("out_of_memory"):
+                self.reading.refused.append(f"{self.path}, line {n}: the probe ran out of memory: no complete "
+                                            "measurement; left out")
+                return
+            self.add(n, rec, "probe", "memory", rec.get("measured_peak_allocated_bytes"),
+                     rec.get("predicted_peak_allocated_bytes"), rec.get("device"), rec.get("method", self.plan_method),
+                     rec.get("planned_device", self.plan_device))
+        elif event == "peak_memory":
+            self.add(n, rec, "peak_memory", "memory", rec.get("measured_peak_allocated_bytes"),
+                     rec.get("predicted_for_measured_shape") or rec.get("predicted_peak_allocated_bytes"),
+                     rec.get("device"), self.segment.get("method", self.plan_method),
+                     self.segment.get("planned_device", self.plan_device))
+            self.segment.setdefault("device", rec.get("device"))  # runs from before the start record named it
+        elif event is None and "predicted_tokens_per_second" in rec and isinstance(rec.get("step"), int):
+            if rec["step"] >= 2:  # the first step alone is mostly warm-up
+                self.last_speed = (n, rec)
 
 
 def read_run(run: Path, reading: Reading) -> None:
@@ -153,44 +228,7 @@ def read_run(run: Path, reading: Reading) -> None:
         raise CalibrationError([f"{run}: no run to calibrate from ({path}: {exc.strerror or exc}); run it first "
                                 "(peftplan run DIR, or peftplan run DIR --probe)"]) from None
     plan_method, plan_device, applied = _plan(run)
-    segment: dict = {}  # the current training run's start record
-    last_speed: tuple[int, dict] | None = None
-
-    def add(n: int, rec: dict, source: str, quantity: str, measured, predicted, device, method, planned) -> None:
-        m, p = _number(measured), _number(predicted)
-        if p is not None:
-            p /= applied.get(quantity, 1.0)  # the uncorrected prediction
-        where = f"{path}, line {n}"
-        if m is None or p is None:
-            reading.skipped.append(f"{where}: a {source} record without positive measured and predicted numbers")
-            return
-        if not isinstance(device, str) or not isinstance(method, str):
-            reading.skipped.append(f"{where}: a {source} record that does not say which device or method it measured "
-                                   "(a run from before peftplan recorded them)")
-            return
-        key = device_key(device)
-        if isinstance(planned, str) and device_key(planned) != key:
-            reading.refused.append(f"{where}: {source} ran on {device}, but its plan was made for {planned}: it says "
-                                   "nothing about either; left out")
-            return
-        sample = Sample(str(run), n, source, quantity, key, device, method, m, p)
-        low, high = BANDS[quantity]
-        if not low <= sample.ratio <= high:
-            reading.refused.append(f"{where}: {source} {quantity.replace('_', ' ')} measured {m:,.6g} vs predicted "
-                                   f"{p:,.6g} (×{sample.ratio:.3g}), outside the sane band [{low:.3g}, {high:.3g}]: "
-                                   f"{_band_reason(quantity)}; left out")
-            return
-        reading.samples.append(sample)
-
-    def close_segment() -> None:
-        nonlocal last_speed
-        if last_speed is not None:
-            n, rec = last_speed
-            add(n, rec, "training steps", "tokens_per_second", rec.get("tokens_per_second"),
-                rec.get("predicted_tokens_per_second"), segment.get("device"), segment.get("method", plan_method),
-                segment.get("planned_device", plan_device))
-        last_speed = None
-
+    records = _RunRecords(run, path, reading, plan_method, plan_device, applied)
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -202,27 +240,8 @@ def read_run(run: Path, reading: Reading) -> None:
         if not isinstance(rec, dict):
             reading.skipped.append(f"{path}, line {n}: not a JSON object")
             continue
-        event = rec.get("event")
-        if event == "start":
-            close_segment()
-            segment = rec
-        elif rec.get("kind") == "probe" or event == "probe":
-            if rec.get("out_of_memory"):
-                reading.refused.append(f"{path}, line {n}: the probe ran out of memory: no complete measurement; "
-                                       "left out")
-                continue
-            add(n, rec, "probe", "memory", rec.get("measured_peak_allocated_bytes"),
-                rec.get("predicted_peak_allocated_bytes"), rec.get("device"), rec.get("method", plan_method),
-                rec.get("planned_device", plan_device))
-        elif event == "peak_memory":
-            add(n, rec, "peak_memory", "memory", rec.get("measured_peak_allocated_bytes"),
-                rec.get("predicted_for_measured_shape") or rec.get("predicted_peak_allocated_bytes"),
-                rec.get("device"), segment.get("method", plan_method), segment.get("planned_device", plan_device))
-            segment.setdefault("device", rec.get("device"))  # runs from before the start record named it
-        elif event is None and "predicted_tokens_per_second" in rec and isinstance(rec.get("step"), int):
-            if rec["step"] >= 2:  # the first step alone is mostly warm-up
-                last_speed = (n, rec)
-    close_segment()
+        records.record(n, rec)
+    records.close_segment()
 
 
 def _band_reason(quantity: str) -> str:

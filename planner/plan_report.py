@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..console import styled
 from . import assumptions as A
 from .choose import Candidate, PlanResult
-from .report import warning_line, breakdown_bar, legend
+from .report import breakdown_bar, legend, warning_line
 from .terms import duration, gib
 
 # hyperparameter -> the spec key it fills

@@ -8,10 +8,10 @@ from pathlib import Path
 from ..schemas import Problem, Spec, SpecError
 from . import assumptions as A
 from . import caveats
+from .local_correction import corrected_memory, corrections_for
 from .memory import MemoryEstimate, estimate
 from .methods import METHODS
 from .paging import evictable_bytes, needed_bytes, usable_bytes
-from .local_correction import corrected_memory, corrections_for
 from .parallel import per_device
 from .resolve import ResolvedHardware, ResolvedModel, resolve_hardware, resolve_model
 from .setup import Resolved, build_setup, method_adapter
@@ -142,7 +142,7 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None, calibration=None)
     # parallelism where it fits, FSDP (which accelerate runs on GPUs and, over gloo, on CPUs) where not.
     options = [requested] if requested != "auto" else ["ddp", "fsdp"]
     estimates, chosen = {}, {}
-    for name, single in singles.items():
+    for name, _single in singles.items():
         for par in options:
             est = corrected_memory(per_device(name, setups[name], par, devices), corrections.get(name))
             if report.fits(est) or par == options[-1]:
@@ -154,8 +154,8 @@ def estimate_spec(spec: Spec, *, base_dir: Path | None = None, calibration=None)
 # --- rich rendering --------------------------------------------------------------------------------
 COLORS = {
     "weights": "blue", "quant_constants": "cyan", "adapter": "magenta", "gradients": "yellow",
-    "optimizer": "red", "paged_optimizer": "bright_red", "activations": "green", "logits": "bright_green", "transient": "white",
-    "overhead": "bright_black",
+    "optimizer": "red", "paged_optimizer": "bright_red", "activations": "green", "logits": "bright_green",
+    "transient": "white", "overhead": "bright_black",
 }
 
 
@@ -222,12 +222,14 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
 
     each = " each" if report.devices > 1 else ""
     console.print(styled(
-        (report.model.name, "bold"), f" ({sh.model_type}, {_count(sh.parameters)} parameters, from {report.model.source})"
+        (report.model.name, "bold"),
+        f" ({sh.model_type}, {_count(sh.parameters)} parameters, from {report.model.source})"
         " on ", (f"{f'{report.devices} × ' if report.devices > 1 else ''}{dev.name}", "bold"),
         f" ({_gib(dev.memory_bytes)} GiB{each}, usable {_gib(report.usable_bytes)} GiB "
         f"after {A.FIT_HEADROOM_FRACTION:.0%} headroom)"))
     console.print(
-        f"batch {g.micro_batch_size} × {g.seq_len} tokens, gradient checkpointing {'on' if g.gradient_checkpointing else 'off'},"
+        f"batch {g.micro_batch_size} × {g.seq_len} tokens, "
+        f"gradient checkpointing {'on' if g.gradient_checkpointing else 'off'},"
         f" {g.attention} attention, {report.resolved.precision}, optimizer {report.resolved.setup.optimizer}"
     )
     table = Table(title="Peak memory per device (GiB)", title_justify="left")
@@ -256,7 +258,7 @@ def render(report: EstimateReport, console, explain: bool = False) -> None:
     console.print(table)
     console.print(legend())
     if explain:
-        for name, est in report.estimates.items():
+        for _name, est in report.estimates.items():
             render_terms(est, console)
     for line in [*report.hardware.notes, *report.resolved.notes]:
         console.print(styled((f"note: {line}", "bright_black")))

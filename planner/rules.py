@@ -75,7 +75,8 @@ def preference(s: Situation) -> list[tuple[str, str]]:
     full_ok = n is not None and n >= FULL_FT_MIN_EXAMPLES.get(s.priority, 10**12)
     full = ("full", f"{n:,} examples justify updating every weight, and memory is plentiful") if full_ok else None
     dora = ("dora", f"only {n:,} examples: DoRA learns more per step than LoRA (Liu et al. 2024)") if s.scarce else None
-    qdora = ("qdora", "scarce data and only a 4-bit base fits: DoRA's sample efficiency on an NF4 base") if s.scarce else None
+    qdora = ("qdora", "scarce data and only a 4-bit base fits: DoRA's sample efficiency on an NF4 base") \
+        if s.scarce else None
     lora = ("lora", "LoRA is the robust default; merged, it serves with no added latency in every engine")
     qlora = ("qlora", "the 16-bit base does not fit: a 4-bit NF4 base with LoRA (Dettmers et al. 2023)")
     if s.priority == "quality":

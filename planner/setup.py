@@ -42,7 +42,8 @@ def compute_dtype(spec: Spec, device: Device) -> tuple[str, str | None]:
         return "float32", "model.dtype auto: float32 on the CPU"
     if device.bf16:
         return "bfloat16", f"model.dtype auto: bfloat16 ({device.id} supports it)"
-    return "float16", f"model.dtype auto: float16 ({device.id} has no bf16; training uses fp16 autocast with loss scaling)"
+    return "float16", (f"model.dtype auto: float16 ({device.id} has no bf16; training uses fp16 autocast with loss "
+                       "scaling)")
 
 
 def _pick(value, key: str, notes: list[str], why: str = "default"):
@@ -88,13 +89,13 @@ def check_against_model(spec: Spec, model: ResolvedModel, setup: Setup) -> list[
             problems.append(Problem("method.target_modules", (
                 f"{', '.join(repr(u) for u in unknown)} not in {model.name} ({sh.model_type}); "
                 f"its linear modules are: {', '.join(sh.module_names)}")))
-        fused = [t for t in targets if t in known and t not in {l.name for l in sh.linears if l.is_linear}]
+        fused = [t for t in targets if t in known and t not in {lin.name for lin in sh.linears if lin.is_linear}]
         if fused:
             problems.append(Problem("method.target_modules", (
                 f"{', '.join(fused)} are fused MoE expert parameters, not linear modules: LoRA cannot target them"
                 " by name here")))
     if spec.method.rank is not None and setup.targeted():
-        narrowest = min(setup.targeted(), key=lambda l: min(l.in_features, l.out_features))
+        narrowest = min(setup.targeted(), key=lambda lin: min(lin.in_features, lin.out_features))
         width = min(narrowest.in_features, narrowest.out_features)
         if spec.method.rank > width:
             problems.append(Problem("method.rank", (
@@ -109,7 +110,8 @@ def check_against_model(spec: Spec, model: ResolvedModel, setup: Setup) -> list[
     if attention == "sdpa" and not sh.supports_sdpa:
         problems.append(Problem("training.attention", (
             f"{model.name} ({sh.model_type}) has no sdpa path in transformers, which refuses to load it with sdpa; "
-            "use \"eager\" (or \"flash_attention_2\" where the flash-attn package is installed), or leave the key out")))
+            "use \"eager\" (or \"flash_attention_2\" where the flash-attn package is installed), or leave the key "
+            "out")))
     return problems
 
 
@@ -148,7 +150,8 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
         target_modules=tuple(targets) if isinstance(targets, list) else _pick(targets, "method.target_modules", notes)))
     unset = [k for k in ("rank", "alpha", "dropout") if getattr(m, k) is None]
     if unset:
-        notes.append(f"method.{'/'.join(unset)} not set: each method's recipe — {_recipe_note(spec, model.shape.parameters)}")
+        notes.append(f"method.{'/'.join(unset)} not set: each method's recipe — "
+                     f"{_recipe_note(spec, model.shape.parameters)}")
     if t.loss is None:
         notes.append("training.loss not set: 'chunked' (the head and the loss run a chunk of tokens at a time: never "
                      "tokens × vocabulary logits; 'full' is transformers' own loss)")
@@ -170,9 +173,10 @@ def build_setup(spec: Spec, model: ResolvedModel, device: Device) -> Resolved:
                                 "over a batch of packed rows there (examples would attend to each other); set "
                                 "micro_batch_size = 1, or attention = \"sdpa\" (a block-diagonal mask)"))
     if not model.shape.calibrated and not model.described:  # a described shape's note says it already
-        problems.append(Problem("model.name", f"model_type {model.shape.model_type!r}: the activation formulas were not "
-                                "checked against measured training steps of this architecture (benchmarks/calibrate*.py); "
-                                "`peftplan estimate --exact` traces a step instead", severity="warning"))
+        problems.append(Problem("model.name", f"model_type {model.shape.model_type!r}: the activation formulas were "
+                                "not checked against measured training steps of this architecture "
+                                "(benchmarks/calibrate*.py); `peftplan estimate --exact` traces a step instead",
+                                severity="warning"))
     if t.activation_offloading and device.kind != "cuda":
         problems.append(Problem("training.activation_offloading", "moves activations to host memory over PCIe: on "
                                 "the CPU they are host memory already, so it is off here", severity="warning"))

@@ -147,7 +147,8 @@ def llama4_vision_params(v: dict, text_hidden: int) -> int:
     channels = int(_get(v, "num_channels", default=3))
     layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
     tower = h + (patches + 1) * h + channels * p * p * h + 4 * h + L * layer
-    adapter = i * int(_get(v, "projector_input_dim", default=4096)) + int(_get(v, "projector_output_dim", default=4096)) ** 2
+    adapter = (i * int(_get(v, "projector_input_dim", default=4096))
+               + int(_get(v, "projector_output_dim", default=4096)) ** 2)
     return tower + adapter + int(_get(v, "vision_output_dim", default=7680)) * text_hidden
 
 

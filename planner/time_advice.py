@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 COUNTS = (2, 4, 8, 16, 32, 64)
 
 
-def limit_seconds(spec: Spec, c: "Candidate") -> float | None:
+def limit_seconds(spec: Spec, c: Candidate) -> float | None:
     """The time the objective allows this candidate: max_hours, or the budget at its price and devices."""
     o, price = spec.objective, c.cost_usd
     limits = []
@@ -37,7 +37,7 @@ def limit_seconds(spec: Spec, c: "Candidate") -> float | None:
     return min(limits) if limits else None
 
 
-def _best_bet(spec: Spec, considered: dict[str, "Candidate"]) -> "Candidate":
+def _best_bet(spec: Spec, considered: dict[str, Candidate]) -> Candidate:
     """The plan closest to the caps: the cheapest under a budget alone, else the fastest."""
     if spec.objective.budget_usd and not spec.objective.max_hours and \
             all(c.cost_usd is not None for c in considered.values()):
@@ -45,7 +45,7 @@ def _best_bet(spec: Spec, considered: dict[str, "Candidate"]) -> "Candidate":
     return min(considered.values(), key=lambda c: c.seconds)
 
 
-def caps_headline(spec: Spec, considered: dict[str, "Candidate"]) -> str:
+def caps_headline(spec: Spec, considered: dict[str, Candidate]) -> str:
     c = _best_bet(spec, considered)
     parts = []
     o = spec.objective
@@ -61,7 +61,7 @@ def caps_headline(spec: Spec, considered: dict[str, "Candidate"]) -> str:
             f"takes ~{duration(c.seconds)}{cost}")
 
 
-def _time(c: "Candidate", report: EstimateReport, spec: Spec, lengths, *, epochs: float, device=None,
+def _time(c: Candidate, report: EstimateReport, spec: Spec, lengths, *, epochs: float, device=None,
           devices: int | None = None, packing: bool | None = None):
     """The candidate's time model re-estimated with one thing changed (the bare model: no communication, paging or
     offloading, which `c.time` includes; compare like with like)."""
@@ -72,8 +72,8 @@ def _time(c: "Candidate", report: EstimateReport, spec: Spec, lengths, *, epochs
                          tflops=spec.hardware.tflops if device is None else None)
 
 
-def meet_the_caps(spec: Spec, report: EstimateReport, considered: dict[str, "Candidate"],
-                  lengths: "Lengths | None", epochs: float) -> list[str]:
+def meet_the_caps(spec: Spec, report: EstimateReport, considered: dict[str, Candidate],
+                  lengths: Lengths | None, epochs: float) -> list[str]:
     """Ways to meet the objective's caps, each re-estimated; an empty list when the time is unknown."""
     c = _best_bet(spec, considered)
     if c.time is None or c.time.count is None:
@@ -110,7 +110,7 @@ def meet_the_caps(spec: Spec, report: EstimateReport, considered: dict[str, "Can
     return out
 
 
-def _cheapest_device(spec: Spec, report: EstimateReport, c: "Candidate", lengths, epochs: float) -> str | None:
+def _cheapest_device(spec: Spec, report: EstimateReport, c: Candidate, lengths, epochs: float) -> str | None:
     """The catalog device (one, advisable) that holds this geometry and finishes it within the caps at the lowest
     cost."""
     o = spec.objective

@@ -38,11 +38,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
 from statistics import NormalDist
-from typing import Iterable
 
 SIGMA = 0.8  # log-space standard deviation assumed when only the mean is known: coefficient of variation 0.95
 BINS = 512  # equal-probability bins that discretize an assumed distribution
@@ -60,7 +60,7 @@ class Lengths:
     source: str  # how the distribution was obtained, for the plan's assumptions
 
     @classmethod
-    def from_histogram(cls, histogram: dict[int, int], seq_len: int) -> "Lengths":
+    def from_histogram(cls, histogram: dict[int, int], seq_len: int) -> Lengths:
         """The empirical distribution from {token count: examples} (the data check's histogram), cut at seq_len."""
         hist = Counter()
         for length, n in histogram.items():
@@ -74,12 +74,12 @@ class Lengths:
                    f"measured lengths of {n:,} examples")
 
     @classmethod
-    def from_counts(cls, counts: Iterable[int], seq_len: int) -> "Lengths":
+    def from_counts(cls, counts: Iterable[int], seq_len: int) -> Lengths:
         """The empirical distribution of measured per-example token counts (each cut at seq_len)."""
         return cls.from_histogram(Counter(int(c) for c in counts), seq_len)
 
     @classmethod
-    def from_mean(cls, mean: float, seq_len: int, sigma: float = SIGMA) -> "Lengths":
+    def from_mean(cls, mean: float, seq_len: int, sigma: float = SIGMA) -> Lengths:
         """Log-normal with log-space spread `sigma` and mean `mean` before the cut at seq_len, in BINS bins of equal
         probability, each represented by its conditional mean of min(X, seq_len): the mean after the cut is exact."""
         if mean <= 0:
@@ -99,7 +99,7 @@ class Lengths:
             return math.exp(mu + sigma ** 2 / 2) * (phi(b) - phi(a))
 
         values = []
-        for a, b in zip(edges, edges[1:]):
+        for a, b in zip(edges, edges[1:], strict=False):
             if a >= seq_len:
                 values.append(float(seq_len))
             elif b <= seq_len:
@@ -114,11 +114,11 @@ class Lengths:
 
     @cached_property
     def mean(self) -> float:
-        return sum(v * p for v, p in zip(self.values, self.probs))
+        return sum(v * p for v, p in zip(self.values, self.probs, strict=True))
 
     @cached_property
     def mean_square(self) -> float:
-        return sum(v * v * p for v, p in zip(self.values, self.probs))
+        return sum(v * v * p for v, p in zip(self.values, self.probs, strict=True))
 
     @cached_property
     def _cdf(self) -> tuple[float, ...]:
@@ -133,7 +133,7 @@ class Lengths:
         key = (b, power)
         if key not in self._memo:
             total, below = 0.0, 0.0
-            for v, upto in zip(self.values, self._cdf):
+            for v, upto in zip(self.values, self._cdf, strict=True):
                 total += v ** power * (upto ** b - below ** b)
                 below = upto
             self._memo[key] = total
@@ -143,7 +143,8 @@ class Lengths:
         """Σ_v p_v^b · (v² − v(v+1)/2): what b equally long rows save by running causal instead of the square."""
         key = ("equal", b)
         if key not in self._memo:
-            self._memo[key] = sum(p ** b * (v * v - v * (v + 1) / 2) for v, p in zip(self.values, self.probs))
+            self._memo[key] = sum(p ** b * (v * v - v * (v + 1) / 2)
+                                  for v, p in zip(self.values, self.probs, strict=True))
         return self._memo[key]
 
 

@@ -246,7 +246,8 @@ def write_project(files: dict[str, str], out: Path, force: bool, executable: set
         manifest = read_manifest(out)
         if manifest is None and not created and (foreign := _foreign_entry(out)) is not None:
             raise ConflictError(out, [f"is not empty ({foreign!r} …) and is not a peftplan project (no {MANIFEST}): "
-                                      "refusing to write into it, with or without --force; choose a new or empty folder"])
+                                      "refusing to write into it, with or without --force; choose a new or empty "
+                                      "folder"])
         if manifest is not None and not manifest.pending and not force:
             raise ConflictError(out, ["already exists; use --force to regenerate (your own files there are kept)"])
         lock_fd = _lock(out, create=True)
@@ -290,7 +291,8 @@ def _write_locked(files, out: Path, force: bool, executable, created: bool) -> l
             _remove_created(out)
         if isinstance(exc, ConflictError):
             raise
-        raise GenerateError(f"could not write the project to {out}: {exc.strerror or exc}; nothing was changed") from None
+        raise GenerateError(f"could not write the project to {out}: {exc.strerror or exc}; nothing was "
+                            "changed") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

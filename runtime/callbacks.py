@@ -80,7 +80,7 @@ def predicted_at_row_length(prediction: dict, row: int | None) -> int | None:
         return None
     if row <= points[0][0]:
         return int(points[0][1])
-    for (a, pa), (b, pb) in zip(points, points[1:]):
+    for (a, pa), (b, pb) in zip(points, points[1:], strict=False):
         if row <= b:
             return int(pa + (pb - pa) * (row - a) / (b - a))
     return int(points[-1][1])

@@ -63,8 +63,8 @@ def _need(table: dict, name: str, key: str, kind, path: Path, choices=None, defa
     return value
 
 
-def load_config(path: str | Path) -> RunConfig:
-    p = Path(path)
+def _read_plan(p: Path) -> dict:
+    """The plan file's TOML, with the four tables every plan has."""
     if not p.is_file():
         raise ConfigError(f"plan file not found: {p}")
     try:
@@ -81,12 +81,18 @@ def load_config(path: str | Path) -> RunConfig:
     for table in ("model", "method", "data", "training"):
         if not isinstance(raw.get(table), dict):
             raise ConfigError(f"{p}: missing table [{table}]")
-    m, me, d, t = raw["model"], raw["method"], raw["data"], raw["training"]
-    model = {
+    return raw
+
+
+def _model(m: dict, p: Path) -> dict:
+    return {
         "name": _need(m, "model", "name", str, p),
         "attention": _need(m, "model", "attention", str, p, ("sdpa", "eager", "flash_attention_2"), "sdpa"),
         "trust_remote_code": _need(m, "model", "trust_remote_code", bool, p, default=False),
     }
+
+
+def _method(me: dict, p: Path) -> dict:
     method = {"name": _need(me, "method", "name", str, p, METHODS)}
     if method["name"] != "full":
         method.update(
@@ -99,18 +105,27 @@ def load_config(path: str | Path) -> RunConfig:
             raise ConfigError(f"{p}: method.rank must be ≥ 1")
         if method["alpha"] <= 0 or not 0.0 <= method["dropout"] < 1.0:
             raise ConfigError(f"{p}: method.alpha must be > 0 and method.dropout in [0, 1)")
+    return method
+
+
+def _data(d: dict, p: Path) -> dict:
+    """[data]'s keys and types (their ranges are checked by _check_ranges, after [launch])."""
     try:
         files = data_settings(d)  # path / sources / eval_path / format / roles / txt_split, each checked
     except DataError as exc:
         raise ConfigError(f"{p}: {exc}") from None
-    data = {
+    return {
         **files,
         "path": str(files["sources"][0].path),  # the first file, for messages
         "seq_len": _need(d, "data", "seq_len", int, p),
         "packing": _need(d, "data", "packing", bool, p, default=False),
         "eval_fraction": float(_need(d, "data", "eval_fraction", (int, float), p, default=0.0)),
     }
-    training = {
+
+
+def _training(t: dict, p: Path) -> dict:
+    """[training]'s keys and types (their ranges are checked by _check_ranges, after [launch])."""
+    return {
         "micro_batch_size": _need(t, "training", "micro_batch_size", int, p),
         "gradient_accumulation_steps": _need(t, "training", "gradient_accumulation_steps", int, p),
         "gradient_checkpointing": _need(t, "training", "gradient_checkpointing", bool, p),
@@ -128,13 +143,17 @@ def load_config(path: str | Path) -> RunConfig:
         "loss": _need(t, "training", "loss", str, p, ("chunked", "full"), "chunked"),
         "activation_offloading": _need(t, "training", "activation_offloading", bool, p, default=False),
     }
-    for table in ("output", "prediction", "provenance", "launch", "logging"):
-        if not isinstance(raw.get(table, {}), dict):
-            raise ConfigError(f"{p}: [{table}] must be a table")
+
+
+def _output_dir(raw: dict, p: Path) -> Path:
     out = raw.get("output", {})
     output_dir = Path(_need(out, "output", "dir", str, p, default="outputs"))
     if not output_dir.is_absolute():
         output_dir = p.parent / output_dir
+    return output_dir
+
+
+def _launch(raw: dict, p: Path) -> dict:
     la = raw.get("launch", {})
     launch = {
         **la,
@@ -145,6 +164,10 @@ def load_config(path: str | Path) -> RunConfig:
     for key in ("devices_per_node", "nodes"):
         if not 1 <= launch[key] <= 2**16:
             raise ConfigError(f"{p}: launch.{key} must be between 1 and 65536, got {launch[key]}")
+    return launch
+
+
+def _check_ranges(training: dict, data: dict, p: Path) -> None:
     if training["learning_rate"] <= 0 or training["epochs"] <= 0:
         raise ConfigError(f"{p}: training.learning_rate and training.epochs must be > 0")
     for key in ("micro_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps"):
@@ -154,10 +177,16 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{p}: data.seq_len must be ≥ 2, got {data['seq_len']}")
     if not 0.0 <= data["eval_fraction"] < 1.0:
         raise ConfigError(f"{p}: data.eval_fraction must be in [0, 1), got {data['eval_fraction']}")
+
+
+def _logging(raw: dict, p: Path) -> dict:
     try:
-        logging = logging_settings(raw.get("logging", {}))
+        return logging_settings(raw.get("logging", {}))
     except TrackingError as exc:  # one line per problem, each naming the file
         raise ConfigError("\n".join(f"{p}: {line}" for line in str(exc).split("\n"))) from None
+
+
+def _prediction(raw: dict, p: Path) -> dict:
     prediction = {k: v for k, v in raw.get("prediction", {}).items() if isinstance(v, (int, float, str))
                   and not isinstance(v, bool)}
     rows = raw.get("prediction", {}).get("peak_by_row_length")
@@ -166,6 +195,24 @@ def load_config(path: str | Path) -> RunConfig:
                 isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in r) for r in rows)):
             raise ConfigError(f"{p}: prediction.peak_by_row_length must be a list of [tokens, bytes] pairs")
         prediction["peak_by_row_length"] = sorted(rows)
+    return prediction
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    raw = _read_plan(p)
+    model = _model(raw["model"], p)
+    method = _method(raw["method"], p)
+    data = _data(raw["data"], p)
+    training = _training(raw["training"], p)
+    for table in ("output", "prediction", "provenance", "launch", "logging"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise ConfigError(f"{p}: [{table}] must be a table")
+    output_dir = _output_dir(raw, p)
+    launch = _launch(raw, p)
+    _check_ranges(training, data, p)
+    logging = _logging(raw, p)
+    prediction = _prediction(raw, p)
     return RunConfig(path=p, model=model, method=method, data=data, training=training, output_dir=output_dir,
                      prediction=prediction, provenance=dict(raw.get("provenance", {})), launch=launch,
                      logging=logging)

@@ -5,8 +5,9 @@ FullyShardedDataParallelPlugin on every backend, but `AcceleratorState.__init__`
 `DistributedType.FSDP` only inside its branch for accelerator backends (MULTI_GPU/NPU/XPU/…); on CPUs the
 state stays MULTI_CPU and the job silently runs as plain DDP. torch's FSDP2 (`fully_shard`) itself runs
 over gloo on CPUs, so this finishes that switch exactly as accelerate does for GPUs (distributed type,
-mixed precision on the plugin, the plugin on the state, the type on the process state) and leaves everything else — wrapping, sharding,
-gathering the state dict, saving — to accelerate and torch. It is a no-op with CUDA or without FSDP.
+mixed precision on the plugin, the plugin on the state, the type on the process state) and leaves everything
+else — wrapping, sharding, gathering the state dict, saving — to accelerate and torch. It is a no-op with CUDA or
+without FSDP.
 """
 
 from __future__ import annotations

@@ -24,16 +24,34 @@ Imports only the standard library at module level; torch is imported by the coll
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from .data_files import (FileCheck, Source, apply_weight, as_sources, check_records, load_records, looks_like_hub_id,
-                         rebase, resolve_roles)
-from .data_formats import (FORMATS, SIGNATURES, DataError, Record, detect_format, template_check,
-                           template_record_problems, unknown_format, validate_record)
-from .data_tokens import (IGNORE, Example, chars_per_token, context, encode_prefix, tokenize_record,
-                          tokenize_records)
+from .data_files import (
+    FileCheck,
+    Source,
+    apply_weight,
+    as_sources,
+    check_records,
+    load_records,
+    looks_like_hub_id,
+    rebase,
+    resolve_roles,
+)
+from .data_formats import (
+    FORMATS,
+    SIGNATURES,
+    DataError,
+    Record,
+    detect_format,
+    template_check,
+    template_record_problems,
+    unknown_format,
+    validate_record,
+)
+from .data_tokens import IGNORE, Example, chars_per_token, context, encode_prefix, tokenize_record, tokenize_records
 
 __all__ = [
     "FORMATS", "SIGNATURES", "DataError", "Record", "Source", "Example", "PreparedData", "TokenStats",
@@ -162,7 +180,7 @@ class DataCollator:
     packed_attention: bool = True
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, **kwargs) -> "DataCollator":
+    def from_tokenizer(cls, tokenizer, **kwargs) -> DataCollator:
         return cls(pad_token_id(tokenizer), **kwargs)
 
     def __call__(self, features: Sequence[Example]) -> dict:
@@ -243,7 +261,8 @@ def _load(sources: list[Source], tokenizer, roles, txt_split: str) -> list[tuple
             out.append((records, resolve_format(records, s.format, tokenizer, roles)))
             continue
         check = FileCheck(s.path)
-        records = [c.record for c in check_records(s, check=check, roles=roles, tokenizer=tokenizer, txt_split=txt_split)]
+        records = [c.record for c in check_records(s, check=check, roles=roles, tokenizer=tokenizer,
+                                                   txt_split=txt_split)]
         if check.count:
             errors.append(check.error())
         out.append((records, check.format or "text"))

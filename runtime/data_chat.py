@@ -18,8 +18,9 @@ Standard library only; the tokenizer is duck-typed (`apply_chat_template`, `chat
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool")
 TOOL_CALL = "tool_call"

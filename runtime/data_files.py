@@ -17,20 +17,30 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 from .data_chat import DEFAULT_ROLES, ROLE_TARGETS
-from .data_formats import (FORMATS, MAX_REPORTED, DataError, Record, format_of, problems_error,
-                           template_check, template_record_problems, check_record)
+from .data_formats import (
+    FORMATS,
+    MAX_REPORTED,
+    DataError,
+    Record,
+    check_record,
+    format_of,
+    problems_error,
+    template_check,
+    template_record_problems,
+)
 from .data_json import read_json
 from .data_read import FILE_TYPES, TXT_SPLITS, Bad, check_text_file, read_csv, read_jsonl, read_parquet, read_txt
 
 MAX_WEIGHT = 1000.0
 
-__all__ = ["Source", "FileCheck", "Checked", "as_sources", "rebase", "data_settings", "resolve_roles", "weighted_count", "apply_weight", "read_file",
-           "load_records", "check_records", "looks_like_hub_id", "MAX_WEIGHT"]
+__all__ = ["Source", "FileCheck", "Checked", "as_sources", "rebase", "data_settings", "resolve_roles", "weighted_count",
+           "apply_weight", "read_file", "load_records", "check_records", "looks_like_hub_id", "MAX_WEIGHT"]
 
 
 @dataclass(frozen=True)

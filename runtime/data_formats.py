@@ -16,11 +16,22 @@ Standard library only; the tokenizer is duck-typed (`apply_chat_template`, `chat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-from .data_chat import (DEFAULT_ROLES, ROLES, cap_messages, chat_segments, conversation, record_tools,
-                        template_problems, template_support, turns_key, unicode_problem)
+from .data_chat import (
+    DEFAULT_ROLES,
+    ROLES,
+    cap_messages,
+    chat_segments,
+    conversation,
+    record_tools,
+    template_problems,
+    template_support,
+    turns_key,
+    unicode_problem,
+)
 
 FORMATS = ("chat", "sharegpt", "instruction", "completion", "text")
 CHAT_FORMATS = ("chat", "sharegpt")
@@ -38,8 +49,9 @@ SIGNATURES = {
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 INSTRUCTION_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
-__all__ = ["FORMATS", "CHAT_FORMATS", "SIGNATURES", "ROLES", "DataError", "Record", "problems_error", "format_of", "detect_format",
-           "check_record", "validate_record", "template_check", "segments", "instruction_prompt", "unknown_format"]
+__all__ = ["FORMATS", "CHAT_FORMATS", "SIGNATURES", "ROLES", "DataError", "Record", "problems_error", "format_of",
+           "detect_format", "check_record", "validate_record", "template_check", "segments", "instruction_prompt",
+           "unknown_format"]
 
 
 class DataError(ValueError):

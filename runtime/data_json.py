@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-from typing import IO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import IO
 
-from .data_formats import DataError, Record
 from . import data_read
+from .data_formats import DataError, Record
 from .data_read import Bad, json_problem, too_long
 
 _WS = re.compile(r"[ \t\n\r]*")
@@ -137,7 +138,8 @@ def _elements(t: _Text, path: str) -> Iterator[Record | Bad]:
         t.skip_ws()
         where = f"line {t.line_at(t.pos)} (record index {i})"
         obj = t.value()
-        yield Record(obj, path, where) if isinstance(obj, dict) else Bad(where, f"expected an object, got {type(obj).__name__}")
+        yield Record(obj, path, where) if isinstance(obj, dict) else \
+            Bad(where, f"expected an object, got {type(obj).__name__}")
         i += 1
         if t.expect(",]", "',' or ']' after a record") == "]":
             return
@@ -175,7 +177,8 @@ def read_json(path: str, f: IO[bytes], read_jsonl: Callable) -> Iterator[Record 
                     raise DataError(f"{path}: {shape}, got an object with keys {', '.join(sorted(doc)) or '(none)'}")
                 for i, d in enumerate(doc["data"]):
                     where = f"record index {i}"
-                    yield Record(d, path, where) if isinstance(d, dict) else Bad(where, f"expected an object, got {type(d).__name__}")
+                    yield Record(d, path, where) if isinstance(d, dict) else \
+                        Bad(where, f"expected an object, got {type(d).__name__}")
         else:
             raise DataError(f"{path}: {shape}, got {type(t.value()).__name__}")
         if t.peek():

@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO
 
 from .data_formats import DataError, Record
 
@@ -30,8 +31,8 @@ TXT_SPLITS = ("blank_line", "line")
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".txt")
 _CHUNK = 1 << 20
 
-__all__ = ["Bad", "FILE_TYPES", "TXT_SPLITS", "MAX_RECORD_BYTES", "CSV_FIELD_LIMIT", "read_jsonl", "read_csv", "read_txt",
-           "read_parquet", "check_text_file"]
+__all__ = ["Bad", "FILE_TYPES", "TXT_SPLITS", "MAX_RECORD_BYTES", "CSV_FIELD_LIMIT", "read_jsonl", "read_csv",
+           "read_txt", "read_parquet", "check_text_file"]
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def read_parquet(path: str) -> Iterator[Record | Bad]:
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises its own ArrowInvalid / OSError types
-        raise DataError(f"{path}: unreadable Parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise DataError(f"{path}: unreadable Parquet file "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def check_text_file(path: str, f: IO[bytes]) -> None:

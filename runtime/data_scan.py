@@ -22,12 +22,22 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .data_files import (FileCheck, Source, as_sources, check_records, exists, looks_like_hub_id, rebase, resolve_roles,
-                         weighted_count)
+from .data_files import (
+    FileCheck,
+    Source,
+    as_sources,
+    check_records,
+    exists,
+    looks_like_hub_id,
+    rebase,
+    resolve_roles,
+    weighted_count,
+)
 from .data_formats import MAX_REPORTED, DataError, segments
 from .data_tokens import context, trained, try_tokenize
 
@@ -36,7 +46,8 @@ from .data_tokens import context, trained, try_tokenize
 # equivalent to about 4 characters" for Gemini models). Code and other languages take more tokens per character.
 CHARS_PER_TOKEN = 4.0
 # Tokens a chat template adds per message: ChatML's <|im_start|>, the role, "\n", <|im_end|>, "\n" (Llama 3's
-# header tokens and <|eot_id|> are also 5); measured on runtime/testing.py's tokenizer by tests/runtime/test_data_scan.py.
+# header tokens and <|eot_id|> are also 5); measured on runtime/testing.py's tokenizer by
+# tests/runtime/test_data_scan.py.
 MESSAGE_OVERHEAD = 5
 NO_LIMIT = 2**31
 

@@ -16,8 +16,9 @@ record would have had in its first 64 positions. Standard library only; the toke
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .data_files import FileCheck, resolve_roles
 from .data_formats import CHAT_FORMATS, DataError, Record, segments

@@ -7,14 +7,13 @@ the training loss explicitly, and the output names the split either way.
 
 from __future__ import annotations
 
-from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
-
 import argparse
 import json
 import math
 import sys
 from pathlib import Path
 
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
 from .config import data_arguments, load_config, resolve_path
 
 
@@ -26,8 +25,8 @@ def held_out_check(config, config_path: Path, split: str) -> None:
     """Refuse an evaluation on a split the plan does not have, before anything heavy is loaded."""
     if split == "eval" and not (config.data["eval_fraction"] > 0 or config.data.get("eval_sources")):
         raise NoHeldOutSplit(
-            f"{config_path}: data.eval_fraction = {config.data['eval_fraction']:g} holds no examples out, so there is no "
-            "held-out split to evaluate on. Pass --split train for the training loss (it says nothing about "
+            f"{config_path}: data.eval_fraction = {config.data['eval_fraction']:g} holds no examples out, so there "
+            "is no held-out split to evaluate on. Pass --split train for the training loss (it says nothing about "
             "generalization), or set data.eval_fraction in the spec, regenerate and retrain")
 
 
@@ -53,7 +52,8 @@ def evaluate(config_path: Path, model_dir: Path, max_batches: int | None = None,
 
         from .model import torch_dtype
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(config.dtype), use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(config.dtype),
+                                                     use_safetensors=True)
     else:
         from peft import PeftModel
 

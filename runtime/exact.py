@@ -15,10 +15,10 @@ dropout masks have the input's dtype here where CUDA keeps 1-byte masks.
 
 from __future__ import annotations
 
-from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
-
 import time
 from contextlib import contextmanager
+
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
 
 
 @contextmanager
@@ -58,6 +58,41 @@ def meta_model(config: dict, *, dtype: str = "bfloat16", attention: str = "sdpa"
     return hf_config, model
 
 
+def _make_fake(model, fake) -> None:
+    """Every parameter and buffer of `model` swapped for a FakeTensor of `fake` on the CPU (no memory, no values)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    cpu = torch.device("cpu")
+    swapped: dict[int, object] = {}  # shared (tied) tensors stay shared
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in swapped:
+                    swapped[id(p)] = torch.nn.Parameter(FakeTensor(fake, p.data, cpu), requires_grad=p.requires_grad)
+                module._parameters[name] = swapped[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                if id(b) not in swapped:
+                    swapped[id(b)] = FakeTensor(fake, b, cpu)
+                module._buffers[name] = swapped[id(b)]
+
+
+def _base_linear_numels(model) -> list[int]:
+    """The weight sizes of what 4-bit loading would quantize: the decoder's linears (no adapter, no lm_head)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    linear_weights: list[int] = []
+    base_layer_ids = set()
+    for name, module in model.named_modules():  # what 4-bit loading would quantize: decoder linears
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and "lora_" not in name and not name.endswith("lm_head"):
+            if id(module) not in base_layer_ids:
+                base_layer_ids.add(id(module))
+                linear_weights.append(module.weight.numel())
+    return linear_weights
+
+
 def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str = "sdpa",
           gradient_checkpointing: bool = True, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
           target_modules="all-linear", batch: int = 1, seq: int = 2048, loss: str = "chunked",
@@ -71,7 +106,7 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
     `loss`: "chunked" runs the runtime's chunked head + cross-entropy (runtime.loss, torch backend: the CPU's)
     as training does by default; "full" is transformers' own loss (tokens x vocabulary logits)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .memprobe import LiveTensorBytes
     from .model import MethodSetup, apply_method, torch_dtype
@@ -94,28 +129,8 @@ def trace(config: dict, *, method: str, dtype: str = "bfloat16", attention: str 
 
         keep_adapter_inputs_16bit(model)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
-    cpu = torch.device("cpu")
-    linear_weights: list[int] = []
-    swapped: dict[int, object] = {}  # shared (tied) tensors stay shared
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                if id(p) not in swapped:
-                    swapped[id(p)] = torch.nn.Parameter(FakeTensor(fake, p.data, cpu), requires_grad=p.requires_grad)
-                module._parameters[name] = swapped[id(p)]
-        for name, b in list(module._buffers.items()):
-            if b is not None:
-                if id(b) not in swapped:
-                    swapped[id(b)] = FakeTensor(fake, b, cpu)
-                module._buffers[name] = swapped[id(b)]
-    from transformers.pytorch_utils import Conv1D
-
-    base_layer_ids = set()
-    for name, module in model.named_modules():  # what 4-bit loading would quantize: decoder linears
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and "lora_" not in name and not name.endswith("lm_head"):
-            if id(module) not in base_layer_ids:
-                base_layer_ids.add(id(module))
-                linear_weights.append(module.weight.numel())
+    _make_fake(model, fake)
+    linear_weights = _base_linear_numels(model)
     model.train()
     params = list(model.parameters())
     trainable = [[int(p.numel()), int(p.element_size())] for p in params if p.requires_grad]
@@ -227,7 +242,7 @@ def describe(config: dict) -> dict:
     path, layers = _decoder_layers(model)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no list of decoder layers found")
-    vocab = int(getattr(text, "vocab_size"))
+    vocab = int(text.vocab_size)
     layer = layers[0]
     feeds = _feeds(model, layer)
     linears = []

@@ -9,8 +9,6 @@ re-quantized. A merged LoRA model serves with no extra latency (Hu et al. 2021, 
 
 from __future__ import annotations
 
-from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
-
 import argparse
 import json
 import os
@@ -19,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
 from .config import ConfigError, load_config, resolve_path
 from .messages import say
-
 
 MARKER = ".peftplan_merged"  # lists the files a merge wrote: the only folder content a later merge replaces
 DTYPES = ("bfloat16", "float16", "float32")
@@ -83,7 +81,8 @@ def _publish(staging: Path, out: Path) -> None:
     os.rename(staging, out)
 
 
-def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = True, dtype_name: str | None = None) -> dict:
+def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = True,
+          dtype_name: str | None = None) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +114,8 @@ def merge(config_path: Path, adapter_dir: Path, out_dir: Path, check: bool = Tru
     try:
         peft_model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise MergeError(f"{adapter_dir}: does not fit {config.model['name']} ({str(exc).splitlines()[0][:300]})") from None
+        raise MergeError(f"{adapter_dir}: does not fit {config.model['name']} "
+                         f"({str(exc).splitlines()[0][:300]})") from None
     peft_model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     probe = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")

@@ -243,7 +243,8 @@ def quantizing_experts_on_load(setup):
         return
 
     def on_register(module, name, param):
-        if name not in MATRICES or param.dim() != 3 or param.device.type == "meta" or not hasattr(module, "num_experts"):
+        if name not in MATRICES or param.dim() != 3 or param.device.type == "meta" or \
+                not hasattr(module, "num_experts"):
             return None
         with torch.no_grad():
             store = _quantize_stack(param.data, _transposed(module))

@@ -29,7 +29,7 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, label="train loss")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -279,9 +279,10 @@ def report_lines(record: dict) -> list[str]:
                  f"{r['headroom_fraction']:.0%} headroom)")
     if r.get("seconds_per_optimizer_step") is not None:
         predicted = r.get("predicted_seconds_per_optimizer_step")
-        lines.append(f"  optimizer step   {r['seconds_per_optimizer_step']:.3g} s measured ({r['tokens_per_second']:,.0f} "
-                     f"tokens/s)" + (f", {predicted:.3g} s predicted ({r['predicted_tokens_per_second']:,.0f} real "
-                                     "tokens/s; with padded data an upper bound for full rows)" if predicted else ""))
+        lines.append(f"  optimizer step   {r['seconds_per_optimizer_step']:.3g} s measured "
+                     f"({r['tokens_per_second']:,.0f} tokens/s)"
+                     + (f", {predicted:.3g} s predicted ({r['predicted_tokens_per_second']:,.0f} real "
+                        "tokens/s; with padded data an upper bound for full rows)" if predicted else ""))
     measured, predicted = r.get("tokens_per_second"), r.get("predicted_tokens_per_second")
     if measured and predicted and not 1 / 3 <= measured / predicted <= 3:  # planner/local_calibration.py's band
         where = ("on the CPU, set hardware.tflops in the spec to what this machine does" if r["device"] == "cpu"

@@ -20,8 +20,6 @@ The first few rows are printed side by side.
 
 from __future__ import annotations
 
-from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
-
 import argparse
 import hashlib
 import json
@@ -32,9 +30,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
+from .cli_args import positive
 from .config import ConfigError, load_config, resolve_path
 from .messages import printable, say
-from .cli_args import positive
 
 # peft asks the model `is_gradient_checkpointing`, which transformers 5.2x deprecates with a FutureWarning on every
 # adapter load; harmless here (nothing trains)

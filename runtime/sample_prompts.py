@@ -21,9 +21,10 @@ Standard library only; the tokenizer is duck-typed (chat template checks and ren
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .data_chat import DEFAULT_ROLES, conversation, record_tools, render_chat
 from .data_files import FileCheck, read_file

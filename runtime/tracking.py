@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, MutableMapping
+from typing import Any
 
 # integration -> (modules any one of which makes it work, the pip command that installs it)
 INTEGRATIONS: dict[str, tuple[tuple[str, ...], str]] = {

@@ -8,21 +8,26 @@ created; the adapter is saved with the tokenizer and its chat template.
 
 from __future__ import annotations
 
-from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
-
 import argparse
 import os
 import sys
 from pathlib import Path
 
-from .checkpoints import (CheckpointMismatch, check_matches_plan, checkpoint_is_final, install_checkpoint_weights,
-                          last_checkpoint)
+from . import quiet  # noqa: F401  (filters known-harmless library warnings before they load)
+from .checkpoints import (
+    CheckpointMismatch,
+    check_matches_plan,
+    checkpoint_is_final,
+    install_checkpoint_weights,
+    last_checkpoint,
+)
+from .cli_args import positive
 from .config import ConfigError, RunConfig, data_arguments, load_config, resolve_path
 from .lock import Busy, hold_run_lock, interrupted_generation
 from .messages import say
-from .probe import EXIT_NOFIT as EXIT_PROBE_NOFIT, EXIT_TIGHT as EXIT_PROBE_TIGHT  # --probe's verdicts
+from .probe import EXIT_NOFIT as EXIT_PROBE_NOFIT  # --probe's verdicts
+from .probe import EXIT_TIGHT as EXIT_PROBE_TIGHT
 from .tracking import TrackingError, start_tracking
-from .cli_args import positive
 
 EXIT_INPUT, EXIT_NAN = 2, 4
 
@@ -252,7 +257,8 @@ def launch_problem(launch: dict, env) -> str | None:
     how = "./run.sh (accelerate launch --config_file accelerate_config.yaml train.py)"
     if world > 1 and parallelism == "fsdp" and env.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return f"error: this plan shards with FSDP, but the launcher did not turn FSDP on; start it with {how}"
-    if world > 1 and parallelism.startswith("deepspeed") and env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+    if world > 1 and parallelism.startswith("deepspeed") and \
+            env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return f"error: this plan shards with DeepSpeed, but the launcher did not turn it on; start it with {how}"
     if planned > 1 and world == 1:
         return (f"warning: planned for {planned} processes ({parallelism}) but running as one: the global batch is "
@@ -260,74 +266,82 @@ def launch_problem(launch: dict, env) -> str | None:
     return None
 
 
-def main(argv=None, default_config: Path | None = None) -> int:
-    # before torch initializes CUDA: segments that grow in place fragment less when batch shapes change
-    # (PyTorch's CUDA memory notes); planner/assumptions.py's allocator reserve assumes it
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    args = parse_args(argv, default_config)
+class _Refused(Exception):
+    """The run cannot start as asked: main prints the message (one or more lines) and exits with EXIT_INPUT."""
+
+
+def _checked_config(args) -> RunConfig:
+    """The plan, with --output-dir applied, checked against this launch and these arguments; on rank 0 the output
+    folder's run lock is held from here on."""
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        say(f"error: {exc}")
-        return EXIT_INPUT
+        raise _Refused(f"error: {exc}") from None
     if args.output_dir:
         config = RunConfig(**{**config.__dict__, "output_dir": Path(args.output_dir).resolve()})
     if interrupted_generation(config.path.parent):
-        say(f"error: {config.path.parent} was being regenerated when peftplan generate was interrupted; run the "
-            "same peftplan generate … --force again to complete it")
-        return EXIT_INPUT
+        raise _Refused(f"error: {config.path.parent} was being regenerated when peftplan generate was interrupted; "
+                       "run the same peftplan generate … --force again to complete it")
     problem = launch_problem(config.launch, os.environ)
     if problem:
-        say(problem)
         if problem.startswith("error"):
-            return EXIT_INPUT
+            raise _Refused(problem)
+        say(problem)
     if args.probe and (args.resume or args.max_steps is not None or args.data):
-        say("error: --probe trains nothing and reads no data: it cannot be combined with --resume, --max-steps or "
-            "--data")
-        return EXIT_INPUT
+        raise _Refused("error: --probe trains nothing and reads no data: it cannot be combined with --resume, "
+                       "--max-steps or --data")
     if int(os.environ.get("RANK", "0")) == 0:
         try:
             hold_run_lock(config.output_dir)
         except Busy as exc:
-            say(f"error: {exc}")
-            return EXIT_INPUT
-    if args.probe:  # no tracker, no data, no checkpoint: one measured step (runtime/probe.py)
-        from .probe import run_probe
+            raise _Refused(f"error: {exc}") from None
+    return config
 
-        return run_probe(config)
-    try:  # before loading anything: a tracker that is not installed fails in seconds
+
+def _start_tracking(config: RunConfig):
+    """The plan's trackers, started before anything loads: a tracker that is not installed fails in seconds."""
+    try:
         tracking = start_tracking(config.logging, config.output_dir, project=config.path.parent.resolve().name)
     except TrackingError as exc:  # one line per missing package, each with its pip command
-        for line in str(exc).split("\n"):
-            say(f"error: {config.path}: {line}")
-        return EXIT_INPUT
+        raise _Refused("\n".join(f"error: {config.path}: {line}" for line in str(exc).split("\n"))) from None
     if int(os.environ.get("RANK", "0")) == 0:
         for note in tracking.notes:
             say(f"tracking: {note}", sys.stdout)
-    resume = None
-    if args.resume:  # before loading anything: a resume that cannot work fails in seconds
-        resume = last_checkpoint(config.output_dir)
-        if resume is None:
-            say(f"error: --resume: no usable checkpoint in {config.output_dir}")
-            return EXIT_INPUT
-        try:
-            check_matches_plan(resume, config.method)
-        except CheckpointMismatch as exc:
-            say(f"error: --resume: {exc}")
-            return EXIT_INPUT
+    return tracking
+
+
+def _resume_point(args, config: RunConfig) -> Path | None:
+    """The checkpoint --resume continues from, checked before anything loads: a resume that cannot work fails in
+    seconds."""
+    if not args.resume:
+        return None
+    resume = last_checkpoint(config.output_dir)
+    if resume is None:
+        raise _Refused(f"error: --resume: no usable checkpoint in {config.output_dir}")
+    try:
+        check_matches_plan(resume, config.method)
+    except CheckpointMismatch as exc:
+        raise _Refused(f"error: --resume: {exc}") from None
+    return resume
+
+
+def _load(config: RunConfig, args, tracking):
+    """build_trainer's (trainer, tokenizer, data, metrics), a bad record or an unloadable model refused in one
+    line."""
     from .data_formats import DataError
 
     try:
-        trainer, tokenizer, data, metrics = build_trainer(config, args.data, args.max_steps, tracking)
+        return build_trainer(config, args.data, args.max_steps, tracking)
     except DataError as exc:
-        say(f"error: {exc}")
-        return EXIT_INPUT
+        raise _Refused(f"error: {exc}") from None
     except (OSError, ValueError) as exc:  # no weights, only pickles, custom code without trust_remote_code …
         hint = (" (set model.trust_remote_code = true in the spec only if you trust that repository's code)"
                 if "trust_remote_code" in str(exc) else "")
-        say(f"error: cannot load {config.model['name']}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-            f"{hint}")
-        return EXIT_INPUT
+        raise _Refused(f"error: cannot load {config.model['name']}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}{hint}") from None
+
+
+def _log_start(trainer, config: RunConfig, data, metrics) -> None:
     if trainer.is_world_process_zero():
         acc = trainer.accelerator
         metrics.write({"event": "start", "world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
@@ -337,6 +351,10 @@ def main(argv=None, default_config: Path | None = None) -> int:
                        # what `peftplan calibrate` keys a run's measured-vs-predicted records by
                        "method": config.method["name"], "planned_device": config.prediction.get("device"),
                        "device": device_name()})
+
+
+def _train_and_save(trainer, tokenizer, config: RunConfig, metrics, resume: Path | None) -> int:
+    """Train (or finish a run killed after its last step), then save the final weights, tokenizer and loss plot."""
     if resume is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming from {resume}")
     finished = resume is not None and checkpoint_is_final(resume)
@@ -362,6 +380,27 @@ def main(argv=None, default_config: Path | None = None) -> int:
         print(f"saved {final} and {config.output_dir / 'loss.png'}")
     _leave_process_group(wait=True)
     return 0
+
+
+def main(argv=None, default_config: Path | None = None) -> int:
+    # before torch initializes CUDA: segments that grow in place fragment less when batch shapes change
+    # (PyTorch's CUDA memory notes); planner/assumptions.py's allocator reserve assumes it
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    args = parse_args(argv, default_config)
+    try:
+        config = _checked_config(args)
+        if args.probe:  # no tracker, no data, no checkpoint: one measured step (runtime/probe.py)
+            from .probe import run_probe
+
+            return run_probe(config)
+        tracking = _start_tracking(config)
+        resume = _resume_point(args, config)
+        trainer, tokenizer, data, metrics = _load(config, args, tracking)
+    except _Refused as exc:
+        say(str(exc))
+        return EXIT_INPUT
+    _log_start(trainer, config, data, metrics)
+    return _train_and_save(trainer, tokenizer, config, metrics, resume)
 
 
 def device_name() -> str:

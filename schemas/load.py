@@ -117,7 +117,7 @@ def spec_from_dict(data: dict, *, text: str = "", path: str | Path | None = None
         raise SpecError(problems, path) from None
 
 
-def _problem(err: dict, lines: "_KeyLines") -> Problem:
+def _problem(err: dict, lines: _KeyLines) -> Problem:
     loc = [str(part) for part in err["loc"]]
     kind = err["type"]
     # pydantic adds the union member it tried ("list[str]", "literal['all-linear']") after the union field;
@@ -197,7 +197,8 @@ def _message(err: dict) -> str:
     if kind == "less_than":
         return f"must be < {ctx['lt']} (got {shown})"
     if kind == "less_than_equal":
-        return f"must be ≤ {ctx['le']:,} (got {shown})" if isinstance(ctx["le"], int) else f"must be ≤ {ctx['le']} (got {shown})"
+        return f"must be ≤ {ctx['le']:,} (got {shown})" if isinstance(ctx["le"], int) else \
+            f"must be ≤ {ctx['le']} (got {shown})"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']} (got {shown})"
     if kind in ("string_too_short",):

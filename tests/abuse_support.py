@@ -18,7 +18,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from peftplan.cli import main  # noqa: E402
 from peftplan.schemas import Spec  # noqa: E402
 
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml")) + [ROOT / "examples" / "quickstart" / "spec.toml"]
 TINY_CONFIG = {  # a tiny Llama; `generate` and the planner only read config.json
@@ -66,7 +65,8 @@ def check_cli(spec_path: Path, command: str) -> int:
     """Run one read-only command on a spec and check the contract, whatever the spec holds."""
     args = [command, spec_path] + ([] if command == "validate" else ["--json"])
     rc, out, err = cli(*args)
-    shown = f"{command} exit {rc}\n--- spec ---\n{_spec_text(spec_path)}\n--- stderr ---\n{err}\n--- stdout ---\n{out[:2000]}"
+    shown = (f"{command} exit {rc}\n--- spec ---\n{_spec_text(spec_path)}\n--- stderr ---\n{err}\n"
+             f"--- stdout ---\n{out[:2000]}")
     assert rc in (0, 2, 3), shown
     assert not PY_EXCEPTION.search(err) and not PY_EXCEPTION.search(out), shown
     if rc == 2:

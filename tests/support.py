@@ -7,6 +7,7 @@ import os
 
 import tomli_w
 
+
 def free_port() -> str:
     """A TCP port nothing listens on now (the OS picks it), for a launcher's rendezvous: tests never assume a
     fixed port such as 29500 is free."""

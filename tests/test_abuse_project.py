@@ -23,15 +23,14 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 
 
-from abuse_support import offline_empty_hf_cache  # noqa: F401 - an autouse fixture: offline, empty HF cache
 from abuse_support import (  # helpers shared by the abuse tests
-    TINY_CONFIG,
     SUBPROCESS_ENV_EXTRA,
-    cli,
+    TINY_CONFIG,
     check_cli,
+    cli,
+    offline_empty_hf_cache,  # noqa: F401 - an autouse fixture: offline, empty HF cache
     write_spec,
 )
-
 
 # ----------------------------------------------------------------------------- 2. template injection
 HOSTILE = "h\"'`touch PWNED1`$(touch PWNED2);&&|{{7*7}}{%print 1%}#[x]]\\  \n\t*_<i>!~ é漢```<!--"
@@ -130,7 +129,8 @@ def test_injection_run_sh_and_accelerate_config_unchanged(twins):
     import yaml
 
     hostile, benign = twins
-    assert _command_words((hostile["out"] / "run.sh").read_text()) == _command_words((benign["out"] / "run.sh").read_text())
+    assert _command_words((hostile["out"] / "run.sh").read_text()) == \
+        _command_words((benign["out"] / "run.sh").read_text())
     hy = yaml.safe_load((hostile["out"] / "accelerate_config.yaml").read_text())
     by = yaml.safe_load((benign["out"] / "accelerate_config.yaml").read_text())
     assert hy == by
@@ -153,10 +153,10 @@ def test_injection_readme_structure_unchanged(twins):
     hr = (hostile["out"] / "README.md").read_text().splitlines()
     br = (benign["out"] / "README.md").read_text().splitlines()
     assert len(hr) == len(br)
-    assert [l.startswith("```") for l in hr] == [l.startswith("```") for l in br]  # fences where they were
-    assert [l.startswith("|") for l in hr] == [l.startswith("|") for l in br]
-    assert [l.startswith("#") for l in hr] == [l.startswith("#") for l in br]  # no injected heading
-    for h, b in zip(hr, br):
+    assert [line.startswith("```") for line in hr] == [line.startswith("```") for line in br]  # fences where they were
+    assert [line.startswith("|") for line in hr] == [line.startswith("|") for line in br]
+    assert [line.startswith("#") for line in hr] == [line.startswith("#") for line in br]  # no injected heading
+    for h, b in zip(hr, br, strict=True):
         if b.startswith("|"):
             assert _unescaped_pipes(h) == _unescaped_pipes(b), (h, b)
     text = "\n".join(hr)
@@ -168,7 +168,7 @@ def test_injection_readme_structure_unchanged(twins):
         elif not fenced:
             prose.append(re.sub(r"`[^`]*`", "", line))
     for tag in ("<i>", "<!--"):  # no raw HTML from user strings outside code
-        assert not any(re.search(r"(?<!\\)" + re.escape(tag), l) for l in prose), tag
+        assert not any(re.search(r"(?<!\\)" + re.escape(tag), line) for line in prose), tag
 
 
 def test_injection_readme_regenerate_command_round_trips_paths(twins):
@@ -186,7 +186,7 @@ def test_injection_generate_next_step_hint_is_shell_safe(twins):
     """`peftplan generate` prints `next: peftplan run DIR`; pasted into a shell it must not run `$( )` or
     backticks from the folder name and must name the folder."""
     for w in twins:
-        line = next(l for l in w["stdout"].splitlines() if l.startswith("next: "))
+        line = next(line for line in w["stdout"].splitlines() if line.startswith("next: "))
         cmd = line.removeprefix("next: ").split("   (or:")[0]
         words = _bash_words(cmd, w["out"].parent)
         assert words == ["peftplan", "run", str(w["out"])], (line, words)
@@ -221,8 +221,8 @@ def test_hostile_target_modules_are_rejected_not_rendered(twins, targets):
         assert check_cli(path, command) == 2
     rc, stdout, err = cli("generate", path, "-o", out)
     assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert lines and all(l.startswith(str(path)) for l in lines), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith(str(path)) for line in lines), err
     assert "method.target_modules" in err
     assert "Traceback" not in err
     assert not out.exists() and not list(ws.glob(".targets-out.peftplan-*"))
@@ -245,7 +245,7 @@ def _stray(*dirs: Path) -> list[Path]:
 
 
 def _wrote_line(stdout: str) -> str:
-    return next(l for l in stdout.splitlines() if l.startswith("wrote "))
+    return next(line for line in stdout.splitlines() if line.startswith("wrote "))
 
 
 def test_output_through_dotdot_writes_resolved_target_and_says_so(simple):

@@ -14,22 +14,21 @@ import tomllib
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
+from abuse_support import (  # helpers shared by the abuse tests
+    EXAMPLES,
+    METHODS,
+    ROOT,
+    TINY_CONFIG,
+    check_cli,
+    cli,
+    offline_empty_hf_cache,  # noqa: F401 - an autouse fixture: offline, empty HF cache
+    spec_keys,
+    write_spec,
+)
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from peftplan.schemas import Spec  # noqa: E402
-
-from abuse_support import offline_empty_hf_cache  # noqa: F401 - an autouse fixture: offline, empty HF cache
-from abuse_support import (  # helpers shared by the abuse tests
-    ROOT,
-    EXAMPLES,
-    TINY_CONFIG,
-    METHODS,
-    cli,
-    check_cli,
-    spec_keys,
-    write_spec,
-)
 
 
 # -------------------------------------------------------------------------------- 1. spec fuzzing
@@ -131,7 +130,8 @@ def _get_parent(d, path):
 def mutated_specs(draw):
     spec = copy.deepcopy(draw(st.sampled_from(BASES)))
     if draw(st.booleans()):
-        spec["model"] = {**spec.get("model", {}), "name": draw(st.sampled_from(["model", "model/config.json", "./model"]))}
+        spec["model"] = {**spec.get("model", {}),
+                         "name": draw(st.sampled_from(["model", "model/config.json", "./model"]))}
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         op = draw(st.sampled_from(["drop", "set", "unknown", "table", "rename"] + ["set_plausible"] * 8))
         paths = _paths(spec)

@@ -15,9 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from abuse_support import (
+    TINY_CONFIG,
+    cli,
+    offline_empty_hf_cache,  # noqa: F401 - an autouse fixture: offline, empty HF cache
+    write_spec,
+)
 
-from abuse_support import offline_empty_hf_cache  # noqa: F401 - an autouse fixture: offline, empty HF cache
-from abuse_support import TINY_CONFIG, cli, write_spec
 from peftplan.planner.project import f_sh
 
 ESC = "\x1b"

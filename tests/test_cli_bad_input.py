@@ -301,7 +301,8 @@ with contextlib.redirect_stdout(buf):
     rc = main(sys.argv[1:])
 assert rc == 0, rc
 assert set(json.loads(buf.getvalue())['methods']) == {'full', 'lora', 'qlora', 'dora', 'qdora'}
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate'))
+heavy = sorted(m for m in sys.modules
+               if m.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate'))
 assert not heavy, heavy
 print('clean')
 """
@@ -310,7 +311,8 @@ NO_TORCH_IMPORT = """
 import sys
 import peftplan.planner
 import peftplan.schemas
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate'))
+heavy = sorted(m for m in sys.modules
+               if m.split('.')[0] in ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate'))
 assert not heavy, heavy
 print('clean')
 """
@@ -351,7 +353,8 @@ def test_packed_micro_batches_under_flash_attention_are_a_spec_error(tmp_path, c
 
     spec = tmp_path / "s.toml"
     spec.write_text('[model]\nname = "meta-llama/Meta-Llama-3-8B"\n[data]\nnum_examples = 1000\npacking = true\n'
-                    '[hardware]\ngpu = "A100-80GB"\n[training]\nmicro_batch_size = 2\nattention = "flash_attention_2"\n')
+                    '[hardware]\ngpu = "A100-80GB"\n'
+                    '[training]\nmicro_batch_size = 2\nattention = "flash_attention_2"\n')
     assert main(["plan", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "training.micro_batch_size" in err and "s.toml:9" in err and "internal error" not in err

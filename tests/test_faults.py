@@ -53,7 +53,7 @@ def assert_clear_failure(proc: subprocess.CompletedProcess, *needles: str) -> No
     shown = f"exit {proc.returncode}\nstderr:\n{proc.stderr}\nstdout:\n{proc.stdout}"
     assert proc.returncode in (1, 2), shown
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, shown
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, shown  # one clear line
     for needle in needles:
         assert needle in proc.stderr, f"{needle!r} not in:\n{shown}"
@@ -419,13 +419,13 @@ def test_resume_skips_corrupt_newest_checkpoint(training, corruption):
     corrupt = project / "outputs" / "checkpoint-8"
     assert r.returncode == 0, shown
     assert "Traceback" not in r.stderr, shown
-    warning = [l for l in r.stderr.splitlines() if str(corrupt) in l]
+    warning = [line for line in r.stderr.splitlines() if str(corrupt) in line]
     assert warning, f"no message names {corrupt}\n{shown}"
     assert f"resuming from {project / 'outputs' / 'checkpoint-6'}" in r.stdout, shown
     state = json.loads((project / "outputs" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["global_step"] == 8  # the full run: steps 7 and 8 trained again and saved
     assert (project / "outputs" / "final" / "adapter_model.safetensors").is_file()
-    steps = [json.loads(l).get("step") for l in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line).get("step") for line in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
     assert steps.count(7) == 2 and steps.count(8) >= 2, steps  # once in the first run, again after the resume
 
 
@@ -445,7 +445,7 @@ def test_nan_loss_stops_with_exit_4_and_keeps_a_good_checkpoint(training):
     nan_step, good = int(m.group(1)), m.group(2)
     ckpts = _checkpoints(project)
     assert ckpts and max(ckpts) < nan_step, (sorted(ckpts), nan_step)  # nothing saved at or after the NaN step
-    logged = [json.loads(l) for l in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
     first_bad = min((row["step"] for row in logged if "event" not in row and any(
         isinstance(row.get(k), float) and not math.isfinite(row[k]) for k in ("loss", "grad_norm"))), default=None)
     # the guard stops at the first non-finite loss or gradient, before it is logged (metrics.jsonl
@@ -463,7 +463,7 @@ def test_nan_loss_stops_with_exit_4_and_keeps_a_good_checkpoint(training):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits
     assert torch.isfinite(logits).all()
-    for step, ckpt in ckpts.items():  # every checkpoint left behind is usable for --resume
+    for _step, ckpt in ckpts.items():  # every checkpoint left behind is usable for --resume
         w = load_file(ckpt / "adapter_model.safetensors")
         assert all(torch.isfinite(v).all() for v in w.values()), f"{ckpt} holds non-finite weights"
 

@@ -126,7 +126,8 @@ def test_a_mixture_of_experts_needs_its_experts(ws, changes, words):
     assert not PY_EXCEPTION.search(err), err
 
 
-@pytest.mark.parametrize("model_type,key", [("smollm3", "no_rope_layer_interval"), ("llama4_text", "no_rope_layer_interval"),
+@pytest.mark.parametrize("model_type,key", [("smollm3", "no_rope_layer_interval"),
+                                            ("llama4_text", "no_rope_layer_interval"),
                                             ("gemma3_text", "sliding_window_pattern")])
 def test_a_zero_layer_interval_is_named(ws, model_type, key):
     cfg = {**TINY_CONFIG, "model_type": model_type, key: 0}

@@ -59,7 +59,7 @@ def runs(tmp_path_factory):
 
 
 def metrics(proj: Path) -> list[dict]:
-    return [json.loads(l) for l in (proj / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (proj / "outputs" / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
@@ -127,9 +127,9 @@ def _alive(pid: int) -> bool:
 @pytest.mark.parametrize("par", ["ddp", "fsdp"])
 def test_killed_after_a_checkpoint_resumes_to_the_same_run(runs, par):
     """SIGKILL the whole two-process job once a checkpoint exists, then `peftplan run --resume`: the logged
-    losses after the resume point and the final adapter match the uninterrupted run (under FSDP the checkpoint holds the gathered
-    adapter and accelerate's sharded optimizer state) (fp32, same seed
-    and batches; 1e-4 covers reduction order only)."""
+    losses after the resume point and the final adapter match the uninterrupted run (under FSDP the checkpoint holds
+    the gathered adapter and accelerate's sharded optimizer state) (fp32, same seed and batches; 1e-4 covers
+    reduction order only)."""
     import signal
     import time
 

@@ -51,7 +51,7 @@ def train(project: Path, *args, check=True) -> subprocess.CompletedProcess:
 
 
 def losses(project: Path) -> list[float]:
-    rows = [json.loads(l) for l in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (project / "outputs" / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r and "event" not in r]
 
 
@@ -92,8 +92,8 @@ def test_generate_train_reload_merge(workspace, method):
     tok = AutoTokenizer.from_pretrained(final)
     assert tok.chat_template  # saved with its chat template
     assert (project / "outputs" / "loss.png").stat().st_size > 1000
-    peak = [json.loads(l) for l in (project / "outputs" / "metrics.jsonl").read_text().splitlines()
-            if '"peak_memory"' in l]
+    peak = [json.loads(line) for line in (project / "outputs" / "metrics.jsonl").read_text().splitlines()
+            if '"peak_memory"' in line]
     assert len(peak) == 1 and peak[0]["measured_peak_allocated_bytes"] > 0 and peak[0]["predicted_peak_allocated_bytes"]
     if method == "full":
         reloaded = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
@@ -156,8 +156,8 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(workspace):
     assert not (killed / "outputs" / "final").exists()  # it really was interrupted
     out = train(killed, "--resume")
     assert "resuming from" in out.stdout
-    state_s = json.loads(sorted((straight / "outputs").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-                         .joinpath("trainer_state.json").read_text())
+    last = sorted((straight / "outputs").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+    state_s = json.loads(last.joinpath("trainer_state.json").read_text())
     state_k = json.loads(sorted((killed / "outputs").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
                          .joinpath("trainer_state.json").read_text())
     assert state_s["global_step"] == state_k["global_step"] == 24

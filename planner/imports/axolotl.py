@@ -23,8 +23,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .axolotl_data import read_data
-from .common import (adapter_method, as_bool, as_float, as_int, base_model, deepspeed, eight_bit_base, fsdp_settings,
-                     full_method, modules_to_save, optimizer, packed_flash, scheduler, unknown_stage)
+from .common import (
+    adapter_method,
+    as_bool,
+    as_float,
+    as_int,
+    base_model,
+    deepspeed,
+    eight_bit_base,
+    fsdp_settings,
+    full_method,
+    modules_to_save,
+    optimizer,
+    packed_flash,
+    scheduler,
+    unknown_stage,
+)
 from .result import Collector, shown
 
 TOOL = "axolotl"
@@ -53,8 +67,8 @@ IGNORED = {
     "hub_model_id": "where to upload", "hub_strategy": "where to upload", "save_safetensors": "file format",
     "save_total_limit": "checkpoints kept on disk", "save_strategy": "checkpoint schedule", "eval_strategy":
     "evaluation schedule", "save_first_step": "checkpoint schedule", "dataset_processes": "tokenizing workers",
-    "dataloader_num_workers": "data loading workers", "dataloader_pin_memory": "host memory", "dataloader_prefetch_factor":
-    "host memory", "shuffle_merged_datasets": "data order", "use_tensorboard": "logging",
+    "dataloader_num_workers": "data loading workers", "dataloader_pin_memory": "host memory",
+    "dataloader_prefetch_factor": "host memory", "shuffle_merged_datasets": "data order", "use_tensorboard": "logging",
     "peft_use_rslora": "the adapter's scaling: no memory", "loraplus_lr_ratio": "learning rates: no memory",
     "loraplus_lr_embedding": "learning rates: no memory", "experimental_skip_move_to_device": "load-time placement",
     "low_cpu_mem_usage": "load-time host memory", "torch_compile": "speed; memory close", "torch_compile_backend":
@@ -80,7 +94,8 @@ def read(data: dict, lines: dict[str, int], config: Path, *, model: str | None, 
     _precision(c)
     _method(c, shape)
     _geometry(c)
-    _attention_and_loss(c)
+    _attention(c)
+    _loss(c)
     _distributed(c, config)
     _schedule(c)
     read_data(c, config, out_dir)
@@ -149,7 +164,8 @@ def _method(c: Collector, shape) -> None:
               "every linear module but the output head" + (" (lora_target_modules adds nothing more)" if targets
                                                            else ""))
     elif targets:
-        names = [targets] if isinstance(targets, str) else [str(t) for t in targets] if isinstance(targets, list) else []
+        names = [targets] if isinstance(targets, str) else \
+            [str(t) for t in targets] if isinstance(targets, list) else []
         if names:
             c.set("method.target_modules", names, "lora_target_modules")
         else:
@@ -199,7 +215,7 @@ def _geometry(c: Collector) -> None:
               "inputs, which peftplan's runtime offloads too")
 
 
-def _attention_and_loss(c: Collector) -> None:
+def _attention(c: Collector) -> None:
     chosen = None  # (attention, the key it came from)
     for key, value in (("flash_attention", "flash_attention_2"), ("sdp_attention", "sdpa"),
                        ("eager_attention", "eager"), ("flex_attention", "sdpa"), ("xformers_attention", "sdpa")):
@@ -224,6 +240,9 @@ def _attention_and_loss(c: Collector) -> None:
         fused = chosen[0] == "sdpa" and chosen[1] in ("flex_attention", "xformers_attention")
         c.set("training.attention", chosen[0], chosen[1], "a fused kernel that saves no s×s scores, like sdpa"
               if fused else "")
+
+
+def _loss(c: Collector) -> None:
     plugins = c.get("plugins") or []
     plugins = [str(p) for p in plugins] if isinstance(plugins, list) else [str(plugins)]
     liger = any(p.startswith(LIGER) for p in plugins)

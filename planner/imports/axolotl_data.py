@@ -45,8 +45,9 @@ def _format(ds: dict) -> tuple[str | None, str]:
     base = kind.split(":")[0].split(".")[0]
     if base.startswith("alpaca"):
         custom = [k for k in ("field_instruction", "field_input", "field_output") if ds.get(k)]
-        return ("instruction", "") if not custom else (None, f"alpaca with renamed fields ({', '.join(custom)}): "
-                                                             "peftplan's instruction format reads instruction/input/output")
+        return ("instruction", "") if not custom else \
+            (None, f"alpaca with renamed fields ({', '.join(custom)}): "
+                   "peftplan's instruction format reads instruction/input/output")
     if base == "completion":
         field = ds.get("field") or "text"
         return ("text", "") if field == "text" else (None, f"completion from field {field!r}: peftplan's text format "

@@ -24,8 +24,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import assumptions as A
-from .common import (adapter_method, as_bool, as_float, as_int, base_model, deepspeed, eight_bit_base, fsdp_settings,
-                     full_method, modules_to_save, optimizer, packed_flash, scheduler, unknown_stage)
+from .common import (
+    adapter_method,
+    as_bool,
+    as_float,
+    as_int,
+    base_model,
+    deepspeed,
+    eight_bit_base,
+    fsdp_settings,
+    full_method,
+    modules_to_save,
+    optimizer,
+    packed_flash,
+    scheduler,
+    unknown_stage,
+)
 from .llamafactory_data import read_data
 from .result import Collector, gib, shown
 
@@ -131,6 +145,14 @@ def _method(c: Collector, shape) -> None:
                           "freeze tuning: gradients and optimizer state exist for the trainable layers only; the "
                           "estimate counts them for every parameter (an upper bound)")
         return
+    quantized = _quantization(c, bits, how, shape)
+    source = "finetuning_type: lora" + (" + quantization_bit: 4" if quantized else "") + (" + use_dora" if dora else "")
+    c.set("method.name", adapter_method(quantized, dora), source)
+    _adapter(c, shape)
+
+
+def _quantization(c: Collector, bits: int | None, how: str, shape) -> bool:
+    """Whether LoRA trains on a 4-bit NF4 base (QLoRA / QDoRA); other quantizations are mapped or said to differ."""
     quantized = False
     if bits == 4 and how in ("bitsandbytes", "bnb"):
         quantized = True
@@ -146,8 +168,11 @@ def _method(c: Collector, shape) -> None:
         c.unsupported("quantization_bit", f"{bits}-bit {how} quantization is not one peftplan plans (bitsandbytes "
                                           "4-bit NF4): estimated as LoRA on the 16-bit base", "weights",
                       f"{bits}-bit {how} weights are smaller than the 16-bit weights the estimate counts")
-    source = "finetuning_type: lora" + (" + quantization_bit: 4" if quantized else "") + (" + use_dora" if dora else "")
-    c.set("method.name", adapter_method(quantized, dora), source)
+    return quantized
+
+
+def _adapter(c: Collector, shape) -> None:
+    """The adapter's rank, alpha, dropout, target modules and fully trained extra modules."""
     rank = c.get("lora_rank")
     rank = as_int(c, "lora_rank", rank) if rank is not None else None
     if rank is None:
@@ -214,8 +239,8 @@ def _geometry(c: Collector, stage: str) -> None:
           "(LLaMA-Factory default: on)", "" if off else "LLaMA-Factory enables it unless "
                                                         "disable_gradient_checkpointing is set")
     if as_bool(c.get("use_unsloth_gc")) and not off:
-        c.set("training.activation_offloading", True, "use_unsloth_gc", "checkpointed hidden states kept on the CPU, as "
-                                                                          "peftplan's runtime can")
+        c.set("training.activation_offloading", True, "use_unsloth_gc",
+              "checkpointed hidden states kept on the CPU, as peftplan's runtime can")
 
 
 def _attention_and_loss(c: Collector, stage: str) -> None:

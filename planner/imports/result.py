@@ -29,7 +29,8 @@ class Unmapped:
     key: str  # the other tool's key as written
     value: object
     reason: str
-    kind: str = IGNORED  # IGNORED: nothing the estimate depends on | UNSUPPORTED: changes memory or the method | UNKNOWN
+    # IGNORED: nothing the estimate depends on | UNSUPPORTED: changes memory or the method | UNKNOWN
+    kind: str = IGNORED
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ def _yaml():
     try:
         import yaml
     except ImportError:
-        raise SpecError([Problem("", "reading YAML configs needs PyYAML, which is not installed: pip install pyyaml")]) \
-            from None
+        raise SpecError([Problem("", "reading YAML configs needs PyYAML, which is not installed: "
+                                     "pip install pyyaml")]) from None
     return yaml
 
 

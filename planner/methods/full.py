@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from .. import assumptions as A
 from ..terms import Setup
 from .base import Method, Tensors
@@ -50,8 +49,8 @@ class Full(Method):
     def not_yet_graded_bytes(self, s: Setup) -> int:
         sh, b = s.shape, self.weight_bytes(s)
         per_norm = 2 if sh.norm == "layernorm" else 1
-        layer = (sh.linear_params_per_layer + sh.router_params_per_layer + per_norm * sh.hidden_size * sh.norms_per_layer
-                 + sh.extra_layer_params)
+        layer = (sh.linear_params_per_layer + sh.router_params_per_layer
+                 + per_norm * sh.hidden_size * sh.norms_per_layer + sh.extra_layer_params)
         embeddings = 0 if sh.tie_embeddings else sh.vocab_size * sh.hidden_size  # tied: lm_head graded it first
         return b * (layer + embeddings + sh.learned_positions * sh.hidden_size)
 

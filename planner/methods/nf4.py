@@ -93,7 +93,7 @@ class NF4Storage:
     def dequant_transient(self, s: Setup) -> Term:
         """The largest weight de-quantized at once: one nn.Linear, or one expert's matrix (never a fused tensor)."""
         candidates = [lin for lin in s.shape.linears if lin.is_linear] + quantized_experts(s)
-        lin = max(candidates, key=lambda l: l.in_features * l.out_features)
+        lin = max(candidates, key=lambda cand: cand.in_features * cand.out_features)
         n = lin.in_features * lin.out_features
         what = "one expert's" if not lin.is_linear else "largest"
         return Term("transient", f"de-quantized {lin.name} weight ({what})", s.compute_bytes * n,

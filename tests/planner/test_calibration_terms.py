@@ -13,7 +13,6 @@ import json
 from math import ceil
 
 import pytest
-
 from test_calibration_tables import calibrate, rows
 
 from peftplan.planner import estimate

@@ -129,7 +129,8 @@ def test_gemma3_text_decoder_is_read_from_text_config(model_id, text):
      "bnb-4bit"),
     ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", None),
     ("Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-8B-Instruct", None),
-    ("meta-llama/Meta-Llama-3.1-70B-Instruct", "meta-llama/Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B-Instruct", None),
+    ("meta-llama/Meta-Llama-3.1-70B-Instruct", "meta-llama/Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B-Instruct",
+     None),
     ("google/gemma-3-4b-it", "google/gemma-3-4b-pt", "google/gemma-3-4b-it", None),
     ("Qwen/Qwen3-8B-Base", "Qwen/Qwen3-8B", "Qwen/Qwen3-8B-Base", None),
     ("Qwen/Qwen2.5-Coder-32B-Instruct", "Qwen/Qwen2.5-Coder-32B", "Qwen/Qwen2.5-Coder-32B-Instruct", None),
@@ -144,7 +145,8 @@ def test_mirrors_and_instruct_variants_resolve_with_a_reason(name, entry, hub, p
 
 
 @pytest.mark.parametrize("name", ["someone/Llama-3.1-8B-Instruct", "meta-llama/Llama-9-8B-Instruct",
-                                  "Qwen/Qwen2.5-7B-Instruct-1M", "unsloth/not-a-model", "Llama-3.1-8B-Instruct-bnb-4bit"])
+                                  "Qwen/Qwen2.5-7B-Instruct-1M", "unsloth/not-a-model",
+                                  "Llama-3.1-8B-Instruct-bnb-4bit"])
 def test_names_that_only_look_like_catalog_models_do_not_match(name):
     assert catalog.match_model(name) is None, name
 
@@ -156,11 +158,11 @@ def test_an_exact_catalog_id_resolves_without_a_note():
 
 def test_gqa_and_moe_shapes():
     llama = shape_from_config(catalog.find_model("meta-llama/Llama-3.1-8B").config)
-    k = next(l for l in llama.linears if l.name == "k_proj")
+    k = next(lin for lin in llama.linears if lin.name == "k_proj")
     assert (k.in_features, k.out_features) == (4096, 8 * 128)  # 8 KV heads
     mixtral = shape_from_config(catalog.find_model("mistralai/Mixtral-8x7B-v0.1").config)
-    experts = [l for l in mixtral.linears if l.experts == 8]
-    assert experts and all(not l.is_linear for l in experts)
+    experts = [lin for lin in mixtral.linears if lin.experts == 8]
+    assert experts and all(not lin.is_linear for lin in experts)
 
 
 def test_at_least_20_devices_with_sources_and_prices():

@@ -38,8 +38,10 @@ EXPECTED = {
     "review/gemma2-9b-a100-3k.toml": ("dora", "bf16"),                # 3,000 examples: scarce; 80 GB holds 9B 16-bit
     "review/qwen2.5-72b-qlora-h100.toml": ("qlora", "bf16"),          # 72B 16-bit weights alone are 135 GiB > 80 GB
     "review/llama3.1-8b-dora-2k-a100.toml": ("dora", "bf16"),         # method.name set
-    "review/llama3.1-8b-300-examples-4090.toml": ("dora", "bf16"),    # 300 examples: scarce; 8B bf16 (15 GiB) fits 24 GB
-    "review/llama3.1-8b-1m-examples-8xh100.toml": ("full", "bf16"),   # 1M examples ask for full; with the chunked loss it has ≥ 20% free
+    # 300 examples: scarce; 8B bf16 (15 GiB) fits 24 GB
+    "review/llama3.1-8b-300-examples-4090.toml": ("dora", "bf16"),
+    # 1M examples ask for full; with the chunked loss it has ≥ 20% free
+    "review/llama3.1-8b-1m-examples-8xh100.toml": ("full", "bf16"),
     "review/llama3.1-8b-full-l40s-paged.toml": ("full", "bf16"),      # method.name set; fits only by paging
     "review/llama3.2-1b-full-cpu.toml": ("full", "fp32"),             # method.name set; CPU trains in fp32
     "review/mixtral-8x7b-lora-a100.toml": (None, "bf16"),             # 46.7B × 2 bytes = 87 GiB of weights > 76 usable

@@ -14,14 +14,14 @@ from peftplan.planner.methods import Tensors
 
 CFG = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=4,
            num_attention_heads=8, num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
-H, I, L, A_, KV, D, V = 256, 688, 4, 8, 2, 32, 1000
+H, FF, L, A_, KV, D, V = 256, 688, 4, 8, 2, 32, 1000
 B, S = 2, 128
 T = B * S
 R = 8
 
 # module: (in, out)
 MODULES = {"q_proj": (H, A_ * D), "k_proj": (H, KV * D), "v_proj": (H, KV * D), "o_proj": (A_ * D, H),
-           "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+           "gate_proj": (H, FF), "up_proj": (H, FF), "down_proj": (FF, H)}
 LINEAR_PARAMS = sum(i * o for i, o in MODULES.values())  # per layer
 PARAMS = 2 * V * H + L * LINEAR_PARAMS + H * (2 * L + 1)
 LORA_PARAMS = L * sum(R * (i + o) for i, o in MODULES.values())
@@ -43,10 +43,10 @@ def comp(method, **kw):
 # per-layer activations for LoRA (bf16, no dropout), op by op. The runtime keeps adapter inputs 16-bit, so each
 # lora_A saves the tensor its module reads, once per distinct tensor: the normed input (q/k/v), the normed input
 # (gate/up), act(gate)·up (down); o_proj reads sdpa's own saved output, counted with the attention
-LORA_INPUT_COPIES = 2 * T * (H + H + I)
+LORA_INPUT_COPIES = 2 * T * (H + H + FF)
 LORA_A_OUT = 7 * 2 * T * R
 ATTN = 2 * T * A_ * D + 2 * 2 * T * KV * D + 2 * T * A_ * D + 4 * B * A_ * S  # q, k, v, out, lse
-MLP = 3 * 2 * T * I  # silu input, silu output, up output
+MLP = 3 * 2 * T * FF  # silu input, silu output, up output
 NORM = 4 * T * H + 4 * T  # fp32 input copy + rsqrt
 LAYER_LORA = LORA_INPUT_COPIES + LORA_A_OUT + ATTN + MLP + 2 * NORM
 OUTSIDE = 24 * T + 2 * 2 * T * D + NORM  # ids/labels, cos/sin, final norm
@@ -117,8 +117,8 @@ def test_qlora_dequant_transient_is_largest_weight():
     short = Setup(s.shape, Geometry(1, 8, True, 1, "sdpa", False), s.adapter, s.optimizer, s.dtype, s.device_kind)
     labels = {t.label: t.bytes for t in estimate("qlora", short).terms}
     # 8 tokens: one layer's backward gradients (8·T·i) are smaller than the 16-bit gate_proj weight
-    assert 8 * 8 * I < 2 * H * I
-    assert labels["de-quantized gate_proj weight (largest)"] == 2 * H * I
+    assert 8 * 8 * FF < 2 * H * FF
+    assert labels["de-quantized gate_proj weight (largest)"] == 2 * H * FF
 
 
 def test_dora_magnitude_activations_and_norm_transient():
@@ -133,7 +133,7 @@ def test_dora_magnitude_activations_and_norm_transient():
     # the largest per module: max(identity in fp32 + its bf16 copy: 6·in², 2·in² + (3·2 + 4)·in·out: the lora weight,
     # s·BA, W + s·BA in bf16 and the norm's fp32 copy); down_proj's identity (in = 688) wins
     per_module = [max(6 * i * i, 2 * i * i + 10 * i * o) for i, o in MODULES.values()]
-    assert max(t.bytes for t in transients) == max(per_module) == 6 * I * I
+    assert max(t.bytes for t in transients) == max(per_module) == 6 * FF * FF
 
 
 def test_dora_dropout_saves_a_copy_of_every_adapted_weight():
@@ -150,7 +150,7 @@ def test_full_finetuning_terms():
     assert c["adapter"] == 0
     # linear inputs saved once per distinct tensor: attn_in, mlp_in (h wide), mlp_mid (i); o_proj reads the sdpa
     # output, which the attention saves anyway
-    linear_inputs = 2 * T * (H + H + I)
+    linear_inputs = 2 * T * (H + H + FF)
     norms = 2 * (NORM + 2 * T * H)  # + bf16 normed output for the norm weight's gradient
     layer = linear_inputs + ATTN + MLP + norms
     outside = 24 * T + 2 * 2 * T * D + NORM + 2 * T * H + 2 * T * H + 8 * T  # + lm_head input, ids
@@ -169,7 +169,7 @@ def test_gradient_checkpointing_peak_is_recompute_of_one_layer():
     assert est.phase == "recompute"
     ckpt = L * 2 * T * H
     kept = 24 * T + 2 * 2 * T * D  # ids and labels, cos/sin: every layer's recomputation reads them
-    working = 4 * T * I  # 4 bytes per element of the widest MLP gradient (assumptions.BACKWARD_WORKING_BYTES)
+    working = 4 * T * FF  # 4 bytes per element of the widest MLP gradient (assumptions.BACKWARD_WORKING_BYTES)
     static = 2 * PARAMS + 12 * LORA_PARAMS  # weights, adapter (4 B), AdamW (8 B)
     grads = 4 * LORA_PARAMS * (L - 1) // L  # while layer 0 is recomputed, layers 1..3 have gradients
     assert est.peak_allocated_bytes == static + ckpt + kept + LAYER_LORA + working + grads

@@ -152,7 +152,8 @@ def test_generated_launch_files_for_sharding(tmp_path, parallelism, stage):
     data.write_text('{"text": "hello"}\n')
     spec_path = tmp_path / "s.toml"
     spec_path.write_text(f'[model]\nname = "meta-llama/Llama-3.1-70B"\n[data]\npath = "d.jsonl"\nnum_examples = 1000\n'
-                         f'seq_len = 1024\n[hardware]\ngpu = "H100-SXM"\ncount = 8\nnodes = 2\n[method]\nname = "qlora"\n'
+                         f'seq_len = 1024\n[hardware]\ngpu = "H100-SXM"\ncount = 8\nnodes = 2\n'
+                         f'[method]\nname = "qlora"\n'
                          f'[training]\nparallelism = "{parallelism}"\n')
     spec = load_spec(spec_path)
     generate(plan_spec(spec, base_dir=tmp_path), spec, spec_path, tmp_path / "p")

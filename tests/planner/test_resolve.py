@@ -196,7 +196,8 @@ def test_hf_cache_follows_refs_main_not_newest_snapshot(tmp_path, monkeypatch):
     hub = tmp_path / "hub"
     main_rev = "a" * 40
     cfg = make_hf_cache(hub, "acme/tiny-llama", TINY_LLAMA, revision=main_rev)
-    other = write_config(hub / "models--acme--tiny-llama" / "snapshots" / ("b" * 40), {**TINY_LLAMA, "num_hidden_layers": 7})
+    other = write_config(hub / "models--acme--tiny-llama" / "snapshots" / ("b" * 40),
+                         {**TINY_LLAMA, "num_hidden_layers": 7})
     os.utime(cfg, (1_000_000, 1_000_000))  # the refs/main snapshot is the older one
     os.utime(other, None)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
@@ -265,7 +266,8 @@ def test_cpu_without_memory_uses_machine_ram():
     hw = resolve_hardware(hw_spec("cpu"))
     assert hw.device.is_cpu
     if meminfo.exists():
-        total_kib = next(int(l.split()[1]) for l in meminfo.read_text().splitlines() if l.startswith("MemTotal:"))
+        total_kib = next(int(line.split()[1]) for line in meminfo.read_text().splitlines()
+                         if line.startswith("MemTotal:"))
         assert hw.device.memory_bytes == total_kib * 1024
     assert any("hardware.memory_gib" in note and "RAM" in note for note in hw.notes), hw.notes
 

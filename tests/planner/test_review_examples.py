@@ -132,7 +132,8 @@ def test_dora_dropout_memory_only_without_checkpointing():
 
     copy = 2 * LLAMA8B_LAYER_LINEARS  # one layer's adapted weights in bf16
     # one recomputed layer's dropout: a 1-byte mask and the 2-byte dropped input per adapted module's input
-    inputs = 4096 * 6 + 14336  # q, k, v, o, gate, up read 4096 features; down reads 14336 of Llama-3.1-8B (hidden 4096, mlp 14336)
+    # q, k, v, o, gate, up read 4096 features; down reads 14336 of Llama-3.1-8B (hidden 4096, mlp 14336)
+    inputs = 4096 * 6 + 14336
     dropped = s.geometry.tokens * inputs * 3
     with_gc = total(True, s.adapter) - total(True, no_drop)
     assert 0 <= with_gc <= 1.1 * (copy + dropped)  # at most one recomputed layer's (+10% allocator reserve)

@@ -97,7 +97,8 @@ def test_alpha_off_the_recipe_is_warned_with_the_factor():
     h = hp("lora", method={"rank": 16, "alpha": 32})  # alpha/r = 2 at 2e-4: 8x the recipe's 0.25 at 2e-4
     w = h["learning_rate"].warning
     assert "8×" in w and "2.5e-05" in w
-    assert hp("lora", method={"rank": 16, "alpha": 32}, training={"learning_rate": 2.5e-5})["learning_rate"].warning is None
+    assert hp("lora", method={"rank": 16, "alpha": 32},
+              training={"learning_rate": 2.5e-5})["learning_rate"].warning is None
 
 
 def test_full_fine_tuning_rates():

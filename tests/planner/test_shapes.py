@@ -79,7 +79,8 @@ def test_parameters_and_linear_modules_match_a_tiny_transformers_model(family):
 def test_catalog_config_builds_a_model_of_the_closed_form_size(model_id):
     """The catalog's config.json subset, instantiated by transformers on the meta device: same total."""
     model = meta_model(catalog.find_model(model_id).config)
-    assert shape_from_config(catalog.find_model(model_id).config).parameters == sum(p.numel() for p in model.parameters())
+    assert shape_from_config(catalog.find_model(model_id).config).parameters == \
+        sum(p.numel() for p in model.parameters())
 
 
 # --- what the new features add, counted by hand -------------------------------------------------------------
@@ -125,7 +126,8 @@ def test_sliding_window_reached_repeats_kv_and_saves_the_additive_mask():
     assert attention_saved_bytes(_setup(MISTRAL))[0] == expected
     # seq 64 < window: is_causal, GQA without repeat (2 kv heads), no mask
     b, seq, T = 2, 64, 128
-    assert attention_saved_bytes(_setup(MISTRAL, seq=64))[0] == 2 * T * a * d + 2 * 2 * T * 2 * d + 2 * T * a * d + 4 * b * a * seq
+    assert attention_saved_bytes(_setup(MISTRAL, seq=64))[0] == \
+        2 * T * a * d + 2 * 2 * T * 2 * d + 2 * T * a * d + 4 * b * a * seq
     # flash attention: never a mask, never a repeat
     b, seq, T = 2, 128, 256
     flash = attention_saved_bytes(_setup(MISTRAL, attention="flash_attention_2"))[0]
@@ -198,7 +200,8 @@ def test_described_shape_counts_every_parameter_of_an_unknown_architecture(cfg, 
     first = [lin for lin in shape.linears if lin.input == "attn_in"]
     assert [lin.name for lin in first] == [shape.linears[0].name]  # the fused qkv projection reads the normed input
     est = METHODS["lora"]
-    s = Setup(shape, Geometry(2, 64, True, 1, "sdpa", False), AdapterSettings(8, 16, 0.0), "adamw_torch", "bfloat16", "cpu")
+    s = Setup(shape, Geometry(2, 64, True, 1, "sdpa", False), AdapterSettings(8, 16, 0.0), "adamw_torch", "bfloat16",
+              "cpu")
     assert sum(t.bytes for t in layer_terms(s, est)) > 0
 
 

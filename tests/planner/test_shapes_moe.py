@@ -6,6 +6,7 @@ from math import ceil
 
 import pytest
 from support import meta_model
+
 from peftplan.planner import (
     AdapterSettings,
     Geometry,
@@ -74,9 +75,9 @@ def test_experts_are_fused_and_the_rest_are_the_models_linear_modules(name):
     layer = model.model.layers[0]
     linears = sorted((n.split(".")[-1], m.in_features, m.out_features) for n, m in layer.named_modules()
                      if type(m) is torch.nn.Linear)
-    assert sorted((l.name, l.in_features, l.out_features) for l in shape.linears if l.is_linear) == linears
+    assert sorted((lin.name, lin.in_features, lin.out_features) for lin in shape.linears if lin.is_linear) == linears
     fused = {n.split(".")[-1]: p.shape for n, p in layer.named_parameters() if p.dim() == 3}
-    for lin in (l for l in shape.linears if not l.is_linear):
+    for lin in (module for module in shape.linears if not module.is_linear):
         e, a, b = fused[lin.name]
         assert e == lin.experts and {a, b} == {lin.in_features, lin.out_features}
         cfg = TINY[name]  # top_k / E, from the config itself
@@ -98,11 +99,11 @@ def test_catalog_moe_models_match_their_published_totals(model_id):
 
 def test_llama4_shared_expert_and_interleaved_dense_layers():
     scout = shape_from_config(catalog.find_model("meta-llama/Llama-4-Scout-17B-16E").config)
-    names = [(l.name, l.is_linear) for l in scout.linears]
+    names = [(lin.name, lin.is_linear) for lin in scout.linears]
     assert names.count(("gate_proj", True)) == 1  # the shared expert, an nn.Linear: 4-bit and adapted
     assert scout.extra_frozen_params == 871_932_416  # vision tower + adapter + projector
     maverick = shape_from_config(catalog.find_model("meta-llama/Llama-4-Maverick-17B-128E").config)
-    shares = sorted((l.out_features, l.layer_share) for l in maverick.linears if l.name == "gate_proj")
+    shares = sorted((lin.out_features, lin.layer_share) for lin in maverick.linears if lin.name == "gate_proj")
     assert shares == [(8192, 0.5), (16384, 0.5)]  # shared expert on the 24 MoE layers, dense MLP on the other 24
 
 
@@ -151,7 +152,8 @@ def test_dequantized_transient_is_one_expert_matrix_not_the_fused_tensor():
 def test_mixtral_8x7b_qlora_on_one_a100_matches_the_published_measurement():
     """fms-acceleration, accelerated-peft-bnb (NF4 + double quantization, no fp32 upcast), A100-80GB:
     peak torch allocated 36,218,024,448 B at batch 4 and 47,207,756,288 B at batch 8 (x ~4096 tokens), r 16,
-    alpha 16, dropout 0, q/k/v/o, fp16 AMP, flash-attention 2, gradient checkpointing (docs/published_measurements.toml)."""
+    alpha 16, dropout 0, q/k/v/o, fp16 AMP, flash-attention 2, gradient checkpointing
+    (docs/published_measurements.toml)."""
     shape = shape_from_config(catalog.find_model("mistralai/Mixtral-8x7B-v0.1").config)
     for batch, published in ((4, 36_218_024_448), (8, 47_207_756_288)):
         setup = Setup(shape, Geometry(batch, 4096, True, 1, "flash_attention_2", True),

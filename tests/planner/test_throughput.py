@@ -144,8 +144,8 @@ def test_newer_gpus_gain_less_than_their_peak():
 
 def test_user_peak_for_uncatalogued_devices_and_cpu():
     s = llama8b()
-    unknown = replace(find_device("A100-80GB"), id="my-gpu", compute_capability=None, bf16_tflops=0.0, fp16_tflops=0.0, fp32_tflops=0.0,
-                      memory_bandwidth_gbps=0.0)
+    unknown = replace(find_device("A100-80GB"), id="my-gpu", compute_capability=None, bf16_tflops=0.0, fp16_tflops=0.0,
+                      fp32_tflops=0.0, memory_bandwidth_gbps=0.0)
     args = dict(num_examples=1000, epochs=1, packing=False, avg_tokens=300)
     assert estimate_time("lora", s, unknown, "bf16", **args) is None
     given = estimate_time("lora", s, unknown, "bf16", tflops=312, **args)

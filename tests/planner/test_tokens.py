@@ -160,9 +160,10 @@ def test_bad_input_is_an_error():
 def test_quickstart_rows_and_steps_match_prepare_data(tmp_path):
     """The runtime's own data pipeline on a real (tiny) tokenizer and chat file: rows and Trainer steps per epoch,
     with and without packing, equal planner.tokens' counts from the examples' token lengths."""
+    from transformers import AutoTokenizer
+
     from peftplan.runtime.data import prepare_data
     from peftplan.runtime.testing import build_tiny_model, write_dataset
-    from transformers import AutoTokenizer
 
     model = build_tiny_model(tmp_path / "model", family="llama", hidden_size=32, intermediate_size=64,
                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)

@@ -12,8 +12,17 @@ import pytest
 import tomli_w
 import yaml
 
-from peftplan.runtime.card import (CARD_MARKER, PEFT_DEFAULT, display_name, hub_id, md, render_card, run_summary,
-                                   write_card, yaml_str)
+from peftplan.runtime.card import (
+    CARD_MARKER,
+    PEFT_DEFAULT,
+    display_name,
+    hub_id,
+    md,
+    render_card,
+    run_summary,
+    write_card,
+    yaml_str,
+)
 from peftplan.runtime.config import load_config
 
 HOSTILE = ('evil"\'\\ name\n---\nlibrary_name: hacked\n<script>alert(1)<img src=x onerror=alert(1)> **bold** '

@@ -10,8 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from peftplan.runtime.checkpoints import (CheckpointMismatch, check_matches_plan, last_checkpoint,  # noqa: E402
-                                          problem)
+from peftplan.runtime.checkpoints import CheckpointMismatch, check_matches_plan, last_checkpoint, problem  # noqa: E402
 
 LORA = {"name": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear"}
 

@@ -247,13 +247,15 @@ def test_json_shapes(tmp_path):
     lines.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert [(r.data, r.where) for r in D.load_records(lines)] == [(rows[0], "line 1"), (rows[1], "line 2")]
     cases = {
-        "scalar.json": ('"text"', "scalar.json: expected a JSON list of records or an object {\"data\": [...]}, got str"),
+        "scalar.json": ('"text"', "scalar.json: expected a JSON list of records or an object {\"data\": [...]}, "
+                                  "got str"),
         "obj.json": ('{"text": "a"}', "obj.json: expected a JSON list of records or an object {\"data\": [...]}, "
                                       "got an object with keys text"),
         "extra.json": ('[{"text": "a"}]\n\n]', "extra.json, line 3: invalid JSON (extra data after the list) "
                                                "(reading stopped here)"),
         "open.json": ('[{"text": "a"},\n{"text": "b"}\n', "open.json, line 3: invalid JSON (expected ',' or ']' after "
-                                                          "a record, found the end of the file) (reading stopped here)"),
+                                                          "a record, found the end of the file) (reading stopped "
+                                                          "here)"),
         "bad.json": ('[\n{"text": "a"},\n{"text": "b",, }]', "bad.json, line 3: invalid JSON (Expecting property name "
                                                              "enclosed in double quotes at column 14) (reading stopped "
                                                              "here)"),

@@ -20,7 +20,8 @@ FORMATS = ["chat", "sharegpt", "instruction", "completion", "text"]
 
 
 # a .txt file holds text records only
-CASES = [(fmt, ft) for fmt in FORMATS for ft in ("jsonl", "json", "csv", "parquet", "txt") if ft != "txt" or fmt == "text"]
+CASES = [(fmt, ft) for fmt in FORMATS for ft in ("jsonl", "json", "csv", "parquet", "txt")
+         if ft != "txt" or fmt == "text"]
 
 
 @pytest.mark.parametrize("seq_len", [40, 512])
@@ -51,7 +52,8 @@ def test_scanner_reports_the_problems_training_reports(tok, tok_dir, tmp_path):
     summary = scan_data(path, tokenizer_dir=tok_dir, max_problems=10)
     assert summary.problems == e.value.problems and len(summary.problems) == 9  # 8 invalid records, 1 bad line
     assert summary.problem_count == 9 and summary.files[0].records == 14 and summary.files[0].valid == 6
-    assert e.value.problems[-1] == f"{path}, line 15: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    assert e.value.problems[-1] == (f"{path}, line 15: invalid JSON (Expecting property name enclosed in double "
+                                    "quotes at column 2)")
     lines = format_summary(summary)
     assert lines[2:] == e.value.problems  # after the totals and the file line: one line per problem
     few = scan_data(path, max_problems=2)
@@ -138,7 +140,8 @@ def test_lite_tokenizer_matches_transformers(tmp_path):
             assert lite.apply_chat_template(convo, add_generation_prompt=gen, **extra) == a
         text = "The quiet teacher <|im_end|> reads, é €."
         for special in (False, True):
-            assert lite(text, add_special_tokens=special)["input_ids"] == hf(text, add_special_tokens=special)["input_ids"]
+            assert lite(text, add_special_tokens=special)["input_ids"] == \
+                hf(text, add_special_tokens=special)["input_ids"]
         assert lite.eos_token_id == hf.eos_token_id and lite.get_vocab() == hf.get_vocab()
     with pytest.raises(D.DataError, match="no tokenizer.json"):
         LiteTokenizer(tmp_path)

@@ -182,7 +182,8 @@ def test_plan_data_table_is_checked_for_the_runtime():
                            ({"sources": {"path": "a"}}, "data.sources: must be a list of tables {path, format, "
                                                         "weight} ([[data.sources]])"),
                            ({"sources": [{"path": "a", "weight": -2}]}, "data.sources[0].weight: must be > 0 and ≤ "
-                                                                        "1000 (copies of each record per epoch), got -2"),
+                                                                        "1000 (copies of each record per epoch), "
+                                                                        "got -2"),
                            ({"path": "a", "txt_split": "para"}, "data.txt_split: must be one of blank_line, line, "
                                                                 "got 'para'"),
                            ({"path": "a", "roles": {"x": "bot"}}, "data.roles.x: must be one of system, user, "

@@ -102,8 +102,9 @@ def test_describe_returns_plain_values_with_the_layer_structure():
     import json
 
     import torch
-    from peftplan.runtime.exact import describe
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftplan.runtime.exact import describe
 
     d = describe(NEOX)
     json.dumps(d)  # plain values only: the planner reads it without torch
@@ -130,6 +131,7 @@ def test_an_unknown_architecture_is_described_then_traced(tmp_path, monkeypatch)
     from pathlib import Path
 
     import tomli_w
+
     from peftplan.planner import resolve
     from peftplan.planner.exact import trace_estimates
     from peftplan.planner.report import estimate_spec
@@ -159,6 +161,7 @@ def test_an_unknown_architecture_is_described_then_traced(tmp_path, monkeypatch)
     if not hasattr(cal, "Run"):
         spec.loader.exec_module(cal)
     monkeypatch.setitem(cal.FAMILIES, "gpt_neox-test", NEOX)
-    measured = cal.measure(cal.Run("gpt_neox-test", "lora", batch=2, seq=128, rank=8, loss="full"), tmp_path / "m")["measured_peak"]
+    measured = cal.measure(cal.Run("gpt_neox-test", "lora", batch=2, seq=128, rank=8, loss="full"),
+                           tmp_path / "m")["measured_peak"]
     exact = traced.estimates["lora"].peak_allocated_bytes
     assert abs(exact - measured) / measured < 0.02, (exact, measured)

@@ -115,7 +115,7 @@ def test_fp32_loss_and_gradients_equal_the_reference(chunk, bias, transform, tra
                                                          compact=compact), *params)
     ref, g_ref = grads_of(lambda: reference_sum(h, w, b, y, transform), *params)
     assert torch.allclose(ours, ref, rtol=1e-5), (float(ours), float(ref))
-    for mine, theirs in zip(g_ours, g_ref):
+    for mine, theirs in zip(g_ours, g_ref, strict=True):
         if theirs is None:
             assert mine is None
         else:
@@ -143,7 +143,7 @@ def test_bf16_autocast_within_bf16_rounding_and_no_worse_than_standard():
         l_std, g_std = grads_of(standard, h, w, b)
         _, g_32 = grads_of(lambda t=t: reference_sum(h, w, b, y, t), h, w, b)
         assert torch.allclose(l_ours, l_std, rtol=1e-5)  # identical bf16 logits, fp32 log-sum-exp in both
-        for mine, std, truth in zip(g_ours, g_std, g_32):
+        for mine, std, truth in zip(g_ours, g_std, g_32, strict=True):
             scale = float(truth.abs().max())
             assert float((mine - std).abs().max()) <= 1.6e-2 * scale
             assert float((mine - truth).abs().max()) <= 1.5 * float((std - truth).abs().max()) + 1e-6 * scale
@@ -210,7 +210,8 @@ def compare_models(ours, theirs, **inputs):
     l_ref = theirs(**inputs).loss
     l_ref.backward()
     assert torch.allclose(l_ours, l_ref, rtol=1e-5), (float(l_ours), float(l_ref))
-    pairs = [(n, p, q) for (n, p), q in zip(ours.named_parameters(), theirs.parameters()) if p.requires_grad]
+    pairs = [(n, p, q) for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True)
+             if p.requires_grad]
     assert pairs
     for name, p, q in pairs:
         assert close(p.grad, q.grad), (name, float((p.grad - q.grad).abs().max()))
@@ -365,7 +366,8 @@ def test_peft_methods_match_their_own_loss(saved_llama, method):
 def test_lm_head_adapted_by_peft_falls_back(saved_llama):
     from peftplan.runtime.model import MethodSetup, load_model
 
-    model = load_model(str(saved_llama), MethodSetup(method="lora", dtype="float32", target_modules=["q_proj", "lm_head"]))
+    model = load_model(str(saved_llama), MethodSetup(method="lora", dtype="float32",
+                                                     target_modules=["q_proj", "lm_head"]))
     res = install(model)
     assert not res.enabled and "lm_head is a peft" in res.reason
 
@@ -374,9 +376,10 @@ def test_lm_head_adapted_by_peft_falls_back(saved_llama):
 def test_trainer_gradient_accumulation_matches_standard(saved_llama, tmp_path):
     """The HF Trainer (5.23) passes num_items_in_batch to a model whose forward takes **kwargs: micro-batches
     with different label counts are weighted by tokens, exactly as on the standard path."""
+    from transformers import Trainer, TrainingArguments
+
     from peftplan.runtime.data import DataCollator
     from peftplan.runtime.model import MethodSetup, load_model
-    from transformers import Trainer, TrainingArguments
 
     g = torch.Generator().manual_seed(2)
     rows = []
@@ -400,7 +403,7 @@ def test_trainer_gradient_accumulation_matches_standard(saved_llama, tmp_path):
         results[name] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
                          [p.detach().clone() for p in model.parameters() if p.requires_grad])
     assert results["chunked"][0] == pytest.approx(results["standard"][0], rel=1e-5)
-    for a, b in zip(results["chunked"][1], results["standard"][1]):
+    for a, b in zip(results["chunked"][1], results["standard"][1], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 

@@ -286,8 +286,9 @@ def test_dequantize_experts_gives_back_the_nf4_weights(model_dirs):
     setup = _setup("qlora", "mixtral", dtype="float32")
     path = model_dirs["mixtral"]
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    q = moe.quantize_experts(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                  quantization_config=quantization_config(setup)), setup)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                  quantization_config=quantization_config(setup))
+    q = moe.quantize_experts(loaded, setup)
     back = moe.dequantize_experts(q)
     for layer in range(2):
         got, orig = back.model.layers[layer].mlp.experts, ref.model.layers[layer].mlp.experts

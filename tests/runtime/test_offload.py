@@ -64,7 +64,7 @@ def test_checkpointed_layer_inputs_are_offloaded_and_gradients_are_bitwise_equal
     assert S <= s.in_flight_peak_backward_bytes <= (2 + 1) * S  # max_in_flight + prefetch
     assert s.host_bytes == 0 and s.in_flight_bytes == 0  # released at the end of backward
     ref(input_ids=x, labels=x).loss.backward()
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad), name
 
 
@@ -138,5 +138,5 @@ def test_cuda_offload_frees_device_memory_and_keeps_gradients():
         peaks[name] = torch.cuda.max_memory_allocated() - base
         grads[name] = [p.grad.clone() for p in model.parameters()]
     assert offload.stats.packed == LAYERS + 2 and offload.stats.host_bytes == 0
-    for a, b in zip(grads["resident"], grads["offloaded"]):
+    for a, b in zip(grads["resident"], grads["offloaded"], strict=True):
         assert torch.equal(a, b)

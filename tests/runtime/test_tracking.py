@@ -12,8 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from peftplan.runtime.tracking import (TrackingError, logging_settings, missing_packages, offline,
-                                       planned_environment, start_tracking)
+from peftplan.runtime.tracking import (
+    TrackingError,
+    logging_settings,
+    missing_packages,
+    offline,
+    planned_environment,
+    start_tracking,
+)
 
 ENV_KEYS = ("TENSORBOARD_LOGGING_DIR", "WANDB_DIR", "WANDB_PROJECT", "WANDB_MODE", "MLFLOW_TRACKING_URI",
             "MLFLOW_EXPERIMENT_NAME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
