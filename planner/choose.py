@@ -180,12 +180,15 @@ def _geometries(spec: Spec, report: EstimateReport, effective: int, packings: li
     t = spec.training
     flash = report.resolved.setup.geometry.attention == "flash_attention_2"
     mbs = [t.micro_batch_size] if t.micro_batch_size else [m for m in MICRO_BATCHES if m <= max(effective, 1)]
+    exact = not (t.micro_batch_size or t.gradient_accumulation_steps)  # micro-batch × accumulation = the share
     opts = [t.optimizer] if t.optimizer else list(OPTIMIZERS)
     for mb, gc, opt, par, packing in product(mbs, _checkpointing(spec, report), opts, _parallelisms(spec, report),
                                              packings):
         used = 1 if par == "single" else report.devices
         over_batch = not t.micro_batch_size and mb > 1 and mb * used > effective
-        if over_batch or (packing and flash and mb > 1):
+        # the effective batch exactly, where it is whole sequences per device: a micro-batch that divides the share
+        uneven = exact and effective % used == 0 and (effective // used) % mb != 0
+        if over_batch or uneven or (packing and flash and mb > 1):
             continue
         for offload in _offloads(spec, report, gc):
             yield mb, gc, opt, par, used, packing, offload

@@ -106,11 +106,24 @@ def effective_batch(num_examples: int | None, devices: int) -> Choice:
                f"optimizer steps per epoch ({num_examples:,} / {b} = {ceil(num_examples / b):,}); recipes: 16 at 9.8k "
                "examples (QLoRA), 64 at 27.5k (Llama 2 SFT), 128 at 52k (Alpaca)")
     if devices > 1:
-        rounded = ceil(max(b, devices) / devices) * devices
-        if rounded != b:
-            why += f"; raised to {rounded} so that each of the {devices} devices gets whole sequences"
-            b = rounded
+        per = per_device_share(b, devices)
+        if per * devices != b:
+            why += (f"; raised to {per * devices} so that each of the {devices} devices gets {per} whole sequences, "
+                    "a number micro-batches divide")
+            b = per * devices
     return Choice(b, why)
+
+
+def per_device_share(batch: int, devices: int) -> int:
+    """Sequences per device per optimizer step for an effective batch of `batch` over `devices`: whole sequences,
+    rounded up to a multiple of the largest power of two (at most 8) not above a quarter of the share, so that
+    micro-batches of 2, 4 or 8 divide it (micro-batch × accumulation is then exactly the share) for at most 25% more
+    than the rule's batch: 128 over 3 devices is 48 each (not 43, which only micro-batch 1 divides)."""
+    per = ceil(max(batch, devices) / devices)
+    quantum = 1
+    while quantum * 2 <= min(8, per / 4):
+        quantum *= 2
+    return ceil(per / quantum) * quantum
 
 
 def eval_fraction(num_examples: int | None, user_value: float | None, eval_path: bool = False) -> Choice:
