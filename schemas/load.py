@@ -53,26 +53,34 @@ MAX_SPEC_BYTES = 2**20  # a spec is a few hundred bytes; this bound keeps /dev/z
 def read_spec_text(path: str | Path) -> str:
     """The spec's text: a regular file (not a FIFO or a device, which could block or never end), at most
     MAX_SPEC_BYTES, UTF-8, a leading byte-order mark accepted (as the data reader accepts it)."""
+    p = Path(path)
+    return read_small_text(p, MAX_SPEC_BYTES, "spec", f"pass a spec file such as {p}/spec.toml",
+                           "; pass a spec file")
+
+
+def read_small_text(p: Path, limit: int, what: str, directory_hint: str, special_hint: str = "",
+                    kind: str | None = None) -> str:
+    """A small UTF-8 input file the user names (a spec, another tool's config): a regular file of at most `limit`
+    bytes, a leading byte-order mark accepted; every other case a SpecError saying which."""
     import stat
 
-    p = Path(path)
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise SpecError([Problem("", f"spec file not found: {p}")]) from None
+        raise SpecError([Problem("", f"{what} file not found: {p}")]) from None
     except OSError as exc:
         raise SpecError([Problem("", f"cannot read {p}: {exc.strerror or exc}")]) from None
     if stat.S_ISDIR(st.st_mode):
-        raise SpecError([Problem("", f"{p} is a directory; pass a spec file such as {p}/spec.toml")])
+        raise SpecError([Problem("", f"{p} is a directory; {directory_hint}")])
     if not stat.S_ISREG(st.st_mode):
-        raise SpecError([Problem("", f"{p} is not a regular file (a pipe or a device); pass a spec file")])
+        raise SpecError([Problem("", f"{p} is not a regular file (a pipe or a device){special_hint}")])
     try:
         with p.open("rb") as fh:
-            data = fh.read(MAX_SPEC_BYTES + 1)
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise SpecError([Problem("", f"cannot read {p}: {exc.strerror or exc}")]) from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError([Problem("", f"{p} is larger than {MAX_SPEC_BYTES // 1024} KiB: not a spec")])
+    if len(data) > limit:
+        raise SpecError([Problem("", f"{p} is larger than {limit // 1024} KiB: not a {kind or what}")])
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:

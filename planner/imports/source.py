@@ -6,36 +6,16 @@ and line; PyYAML missing says what to install.
 from __future__ import annotations
 
 import json
-import stat
 from pathlib import Path
 
 from ...schemas import Problem, SpecError
+from ...schemas.load import read_small_text
 
 MAX_CONFIG_BYTES = 2**20  # training configs are a few KiB
 
 
 def read_text(path: Path, what: str = "config") -> str:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise SpecError([Problem("", f"{what} file not found: {path}")]) from None
-    except OSError as exc:
-        raise SpecError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from None
-    if stat.S_ISDIR(st.st_mode):
-        raise SpecError([Problem("", f"{path} is a directory; pass the {what} file itself")])
-    if not stat.S_ISREG(st.st_mode):
-        raise SpecError([Problem("", f"{path} is not a regular file (a pipe or a device)")])
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise SpecError([Problem("", f"cannot read {path}: {exc.strerror or exc}")]) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise SpecError([Problem("", f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a training {what}")])
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        raise SpecError([Problem("", f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    return read_small_text(path, MAX_CONFIG_BYTES, what, f"pass the {what} file itself", kind=f"training {what}")
 
 
 def _yaml():
