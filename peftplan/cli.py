@@ -81,7 +81,7 @@ def cmd_estimate(args) -> int:
     if args.json:
         out = report.to_json()
         if store is not None:
-            out["local_calibration"] = as_json(list(report.corrections.values()), store)
+            out["local_calibration"] = _calibration_json(report.corrections, store)
         print(json.dumps(out, indent=2))
     else:
         render(report, _console(), explain=args.explain)
@@ -99,6 +99,12 @@ def _local_calibration():
     return store
 
 
+def _calibration_json(corrections: dict, store) -> dict:
+    from .planner.local_correction import as_json
+
+    return as_json(list(corrections.values()), store)
+
+
 def _say_calibration(corrections: dict, store) -> None:
     """One line per correction the estimate or plan applied."""
     if store is not None:
@@ -106,12 +112,6 @@ def _say_calibration(corrections: dict, store) -> None:
 
         for line in summary(list(corrections.values()), store):
             emit(line, sys.stdout)
-
-
-def as_json(applied: list, store) -> dict:
-    from .planner.local_correction import as_json as corrections_json
-
-    return corrections_json(applied, store)
 
 
 def cmd_plan(args) -> int:
@@ -134,7 +134,7 @@ def cmd_plan(args) -> int:
         if check.summary is not None:
             out["data"] = check.summary.as_dict()
         if store is not None:
-            out["local_calibration"] = as_json(list(result.report.corrections.values()), store)
+            out["local_calibration"] = _calibration_json(result.report.corrections, store)
         print(json.dumps(out, indent=2))
     else:
         render_plan(result, _console())
